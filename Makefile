@@ -1,0 +1,48 @@
+# neuroseg: `make demo` (synthetic data, whole pipeline) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= configs/kaggle.yaml
+DATA_DIR ?= $(or $(NEUROSEG_DATA_DIR),input/sartorius-cell-instance-segmentation)
+DEMO_DATA := input/synthetic
+ARGS   ?=
+RUN     = $(PY) $(1) --config $(CONFIG) --data-dir $(DATA_DIR) $(ARGS)
+
+.PHONY: venv test demo submission preprocess yolox maskrcnn upernet ensemble predict bench kaggle clean-output
+
+# The venv is rebuilt when requirements.txt changes; torch first (the local wheel here), yolox last.
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip==23.2.1 2>/dev/null || true
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation yolox==0.3.0
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest tests
+
+preprocess: venv
+	$(call RUN,01_preprocess.py)
+yolox: venv
+	$(call RUN,02_train_yolox.py)
+maskrcnn: venv
+	$(call RUN,03_train_maskrcnn.py)
+upernet: venv
+	$(call RUN,04_train_upernet.py)
+ensemble: venv
+	$(call RUN,05_ensemble.py)
+submission: preprocess yolox maskrcnn upernet ensemble
+	$(call RUN,06_make_submission.py)
+
+$(DEMO_DATA)/train.csv: | venv
+	$(PY) -m neuroseg synth $(DEMO_DATA) --images 24 --test-images 3 --seed 0
+
+demo: venv $(DEMO_DATA)/train.csv
+	$(MAKE) submission CONFIG=configs/demo.yaml DATA_DIR=$(DEMO_DATA)
+
+bench: venv
+	$(PY) bench/bench_metric.py

@@ -1,0 +1,268 @@
+"""Typed configuration: frozen dataclasses, loaded from YAML plus ``--set a.b=c`` overrides.
+
+A YAML file states only what differs from the defaults below. Unknown keys are errors that list
+the valid names, so a typo never silently falls back to a default. The resolved config is saved
+(``save``) beside every checkpoint and OOF file so a stale artefact can be detected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CELL_TYPES: tuple[str, ...] = ("shsy5y", "astro", "cort")
+"""Cell types in label order: label ``i + 1`` of the detectors is ``CELL_TYPES[i]`` (0 = background)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One model's optimisation settings (every model has its own copy)."""
+
+    epochs: int = 30
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"  # adamw | sgd
+    momentum: float = 0.9  # sgd only
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 10.0
+    amp: bool = True  # only takes effect on CUDA
+    ema: bool = False
+    ema_decay: float = 0.9998
+    num_workers: int = 4
+    val_every: int = 1
+    max_train_steps_per_epoch: int = 0  # 0 = whole epoch; >0 caps steps (tests, smoke runs)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    hflip: float = 0.5
+    vflip: float = 0.5
+    rotate90: float = 0.5
+    scale_limit: float = 0.2  # random scale in [1 - s, 1 + s]; 0 = off
+    brightness_contrast: float = 0.5
+    blur: float = 0.1
+
+
+@dataclass(frozen=True)
+class YoloxConfig:
+    size: str = "s"  # nano | tiny | s | m | l | x
+    input_size: int = 1024  # square side, a multiple of 32
+    multiscale_range: int = 0  # progressive / random size: +- this many multiples of 32
+    mosaic_prob: float = 1.0
+    no_aug_epochs: int = 5  # mosaic off for the last epochs, as YOLOX does
+    nms_iou: float = 0.65
+    score_threshold: float = 0.01
+    max_detections: int = 1000
+    weights: str = ""  # local official YOLOX .pth, optional
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, ema=True))
+
+
+@dataclass(frozen=True)
+class MaskRCNNConfig:
+    backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50
+    v2_head: bool = True
+    anchor_sizes: tuple[int, ...] = (8, 16, 32, 64, 128)
+    min_size: int = 520  # torchvision's transform: keep the real size, no 800-px upscale
+    max_size: int = 704
+    detections_per_image: int = 1000
+    rpn_post_nms_top_n_train: int = 3000
+    rpn_post_nms_top_n_test: int = 3000
+    box_batch_size_per_image: int = 512
+    score_threshold: float = 0.05
+    nms_iou: float = 0.5
+    trainable_backbone_layers: int = 5
+    weights: str = ""  # local torchvision COCO Mask R-CNN .pth, optional
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-4))
+
+
+@dataclass(frozen=True)
+class UPerNetConfig:
+    encoder: str = "resnet50"
+    decoder_channels: int = 256
+    aux_loss_weight: float = 0.4  # auxiliary cell-type head on the deepest encoder feature
+    border_weight: float = 2.0  # class weight of the border channel in the CE loss
+    encoder_weights: str = ""  # local encoder state_dict, optional
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-4))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    image_height: int = 520
+    image_width: int = 704
+    train_scale: float = 1.0  # images are resized by this factor for training and inference
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    clean_astro: bool = True  # fill holes and drop fragments in astro masks (measured in 01)
+    min_fragment_area: int = 16
+    border_width: int = 2  # px of the "border" class in the semantic targets
+
+
+@dataclass(frozen=True)
+class FoldConfig:
+    n_folds: int = 5
+    seed: int = 42
+    train_folds: tuple[int, ...] = ()  # () = all folds
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    models: tuple[str, ...] = ("yolox", "maskrcnn", "upernet")
+    tune_trials: int = 200
+    tune_seed: int = 0
+
+
+@dataclass(frozen=True)
+class SubmissionConfig:
+    tta_flips: bool = True
+    batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "default"
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    folds: FoldConfig = field(default_factory=FoldConfig)
+    yolox: YoloxConfig = field(default_factory=YoloxConfig)
+    maskrcnn: MaskRCNNConfig = field(default_factory=MaskRCNNConfig)
+    upernet: UPerNetConfig = field(default_factory=UPerNetConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    submission: SubmissionConfig = field(default_factory=SubmissionConfig)
+
+    @property
+    def fold_ids(self) -> tuple[int, ...]:
+        return self.folds.train_folds or tuple(range(self.folds.n_folds))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable short hash of the named sections (all when none), for cache manifests."""
+        d = self.to_dict()
+        part = {s: d[s] for s in sections} if sections else d
+        blob = json.dumps(part, sort_keys=True, default=list).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or a value of the wrong type."""
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, where) for v in value)
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float, str):
+        try:
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; valid: {names}")
+    base = cls()
+    kwargs = {}
+    for name in names:
+        key = f"{where}.{name}" if where else name
+        if name in values:
+            current = getattr(base, name)
+            value = values[name]
+            if dataclasses.is_dataclass(current) and isinstance(value, dict):
+                # merge into the section's own defaults (not the class's)
+                merged = {**dataclasses.asdict(current), **value}
+                kwargs[name] = _build(type(current), merged, key)
+            else:
+                kwargs[name] = _coerce(value, hints[name], key)
+    return dataclasses.replace(base, **kwargs)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.epochs=3"`` -> ``("train.epochs", 3)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. maskrcnn.train.epochs=3")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file (if any), then ``KEY=VALUE`` overrides."""
+    tree: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+        tree = loaded
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(tree, key, value)
+    return _build(Config, tree, "")
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    return _build(Config, values, "")
+
+
+def save(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomic)."""
+    from neuroseg.io_utils import atomic_write_text
+
+    text = yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
+    return atomic_write_text(Path(path), text)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

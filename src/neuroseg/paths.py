@@ -1,0 +1,136 @@
+"""Every path under the data dir (Kaggle layout, read-only) and the output dir, in one place.
+
+The data dir comes from ``--data-dir``, else ``$NEUROSEG_DATA_DIR``, else
+``input/sartorius-cell-instance-segmentation``; the output dir from ``--output-dir``, else
+``$NEUROSEG_OUTPUT_DIR``, else ``output``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_DATA_DIR = Path("input/sartorius-cell-instance-segmentation")
+DEFAULT_OUTPUT_DIR = Path("output")
+MODEL_NAMES: tuple[str, ...] = ("yolox", "maskrcnn", "upernet")
+
+
+def resolve_data_dir(arg: str | Path | None = None) -> Path:
+    return Path(arg or os.environ.get("NEUROSEG_DATA_DIR") or DEFAULT_DATA_DIR)
+
+
+def resolve_output_dir(arg: str | Path | None = None) -> Path:
+    return Path(arg or os.environ.get("NEUROSEG_OUTPUT_DIR") or DEFAULT_OUTPUT_DIR)
+
+
+@dataclass(frozen=True)
+class Paths:
+    data_dir: Path
+    output_dir: Path
+
+    @classmethod
+    def resolve(cls, data_dir: str | Path | None = None, output_dir: str | Path | None = None) -> "Paths":
+        return cls(resolve_data_dir(data_dir), resolve_output_dir(output_dir))
+
+    # ---- inputs (Kaggle layout) ----
+    @property
+    def train_csv(self) -> Path:
+        return self.data_dir / "train.csv"
+
+    @property
+    def train_images(self) -> Path:
+        return self.data_dir / "train"
+
+    @property
+    def test_images(self) -> Path:
+        return self.data_dir / "test"
+
+    @property
+    def semi_supervised_images(self) -> Path:
+        return self.data_dir / "train_semi_supervised"
+
+    @property
+    def livecell_dir(self) -> Path:
+        return self.data_dir / "LIVECell_dataset_2021"
+
+    @property
+    def sample_submission(self) -> Path:
+        return self.data_dir / "sample_submission.csv"
+
+    def train_image(self, image_id: str) -> Path:
+        return self.train_images / f"{image_id}.png"
+
+    # ---- 01 preprocess ----
+    @property
+    def preprocess_dir(self) -> Path:
+        return self.output_dir / "preprocess"
+
+    @property
+    def preprocess_manifest(self) -> Path:
+        return self.preprocess_dir / "manifest.json"
+
+    @property
+    def folds_csv(self) -> Path:
+        return self.output_dir / "folds.csv"
+
+    @property
+    def clean_train_csv(self) -> Path:
+        """train.csv after the (switchable) label cleaning; what the trainers read."""
+        return self.preprocess_dir / "train_clean.csv"
+
+    @property
+    def cleaning_report(self) -> Path:
+        return self.preprocess_dir / "cleaning_report.json"
+
+    def coco_json(self, fold: int, split: str) -> Path:
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        return self.preprocess_dir / "coco" / f"fold{fold}_{split}.json"
+
+    @property
+    def semantic_dir(self) -> Path:
+        return self.preprocess_dir / "semantic"
+
+    def semantic_target(self, image_id: str) -> Path:
+        return self.semantic_dir / f"{image_id}.png"
+
+    # ---- 02-04 training ----
+    def model_dir(self, model: str) -> Path:
+        if model not in MODEL_NAMES:
+            raise ValueError(f"unknown model {model!r}; valid: {list(MODEL_NAMES)}")
+        return self.output_dir / "models" / model
+
+    def fold_dir(self, model: str, fold: int) -> Path:
+        return self.model_dir(model) / f"fold{fold}"
+
+    def last_checkpoint(self, model: str, fold: int) -> Path:
+        return self.fold_dir(model, fold) / "last.pt"
+
+    def best_checkpoint(self, model: str, fold: int) -> Path:
+        return self.fold_dir(model, fold) / "best.pt"
+
+    def history_csv(self, model: str, fold: int) -> Path:
+        return self.fold_dir(model, fold) / "history.csv"
+
+    def oof_dir(self, model: str, fold: int) -> Path:
+        if model not in MODEL_NAMES:
+            raise ValueError(f"unknown model {model!r}; valid: {list(MODEL_NAMES)}")
+        return self.output_dir / "oof" / model / f"fold{fold}"
+
+    # ---- 05 ensemble, 06 submission ----
+    @property
+    def ensemble_dir(self) -> Path:
+        return self.output_dir / "ensemble"
+
+    @property
+    def ensemble_params(self) -> Path:
+        return self.ensemble_dir / "params.json"
+
+    @property
+    def ensemble_report(self) -> Path:
+        return self.ensemble_dir / "report.md"
+
+    @property
+    def submission_csv(self) -> Path:
+        return self.output_dir / "submission.csv"
