@@ -13,7 +13,6 @@ RUN     = $(PY) $(1) --config $(CONFIG) --data-dir $(DATA_DIR) $(ARGS)
 # The venv is rebuilt when requirements.txt changes; torch first (the local wheel here), yolox last.
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip==23.2.1 2>/dev/null || true
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation yolox==0.3.0
