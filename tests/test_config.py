@@ -1,0 +1,82 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from neuroseg import config
+from neuroseg.config import ConfigError
+from neuroseg.paths import Paths
+
+
+def test_defaults_then_yaml_then_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: t\nmaskrcnn:\n  backbone: resnet18\n  train: {epochs: 7}\n")
+    cfg = config.load(p, ["maskrcnn.train.lr=0.01", "folds.n_folds=3"])
+    assert cfg.name == "t"
+    assert cfg.maskrcnn.backbone == "resnet18"
+    assert cfg.maskrcnn.train.epochs == 7
+    assert cfg.maskrcnn.train.lr == 0.01
+    assert cfg.folds.n_folds == 3
+    assert cfg.fold_ids == (0, 1, 2)
+    # untouched values keep the section's own defaults (yolox trains with EMA by default)
+    assert cfg.maskrcnn.train.batch_size == config.TrainConfig().batch_size
+    assert cfg.yolox.train.ema is True
+
+
+def test_partial_train_section_keeps_model_specific_defaults(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("yolox:\n  train: {epochs: 2}\n")
+    cfg = config.load(p)
+    assert cfg.yolox.train.epochs == 2
+    assert cfg.yolox.train.ema is True  # YoloxConfig's own default, not TrainConfig's False
+
+
+def test_unknown_key_lists_valid_names():
+    with pytest.raises(ConfigError, match=r"maskrcnn: unknown key\(s\) \['backbon'\]; valid: \['backbone'"):
+        config.load(None, ["maskrcnn.backbon=resnet18"])
+
+
+def test_wrong_type_is_an_error():
+    with pytest.raises(ConfigError, match="maskrcnn.train.epochs: expected int, got 'many'"):
+        config.load(None, ["maskrcnn.train.epochs=many"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        config.load(None, ["maskrcnn.train.epochs"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load("nope.yaml")
+
+
+def test_tuple_and_bool_coercion():
+    cfg = config.load(None, ["maskrcnn.anchor_sizes=[4, 8]", "folds.train_folds=0,2", "yolox.train.ema=false"])
+    assert cfg.maskrcnn.anchor_sizes == (4, 8)
+    assert cfg.fold_ids == (0, 2)
+    assert cfg.yolox.train.ema is False
+
+
+def test_save_round_trip_and_hash(tmp_path):
+    cfg = config.load(None, ["upernet.encoder=resnet18"])
+    out = config.save(cfg, tmp_path / "saved.yaml")
+    again = config.load(out)
+    assert again == cfg
+    assert yaml.safe_load(out.read_text())["upernet"]["encoder"] == "resnet18"
+    other = dataclasses.replace(cfg, upernet=dataclasses.replace(cfg.upernet, encoder="resnet34"))
+    assert cfg.section_hash("upernet") != other.section_hash("upernet")
+    assert cfg.section_hash("maskrcnn") == other.section_hash("maskrcnn")
+
+
+@pytest.mark.parametrize("name", ["demo", "cpu", "kaggle"])
+def test_shipped_configs_load(name):
+    cfg = config.load(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    assert cfg.name == name
+    assert cfg.yolox.input_size % 32 == 0
+
+
+def test_paths_resolve_from_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("NEUROSEG_DATA_DIR", str(tmp_path / "d"))
+    monkeypatch.delenv("NEUROSEG_OUTPUT_DIR", raising=False)
+    paths = Paths.resolve()
+    assert paths.train_csv == tmp_path / "d" / "train.csv"
+    assert str(paths.output_dir) == "output"
+    assert Paths.resolve("x", "y").oof_dir("maskrcnn", 2).as_posix() == "y/oof/maskrcnn/fold2"
+    with pytest.raises(ValueError, match="unknown model 'detr'; valid"):
+        paths.model_dir("detr")
