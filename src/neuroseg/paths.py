@@ -83,6 +83,15 @@ class Paths:
     def cleaning_report(self) -> Path:
         return self.preprocess_dir / "cleaning_report.json"
 
+    @property
+    def cleaning_figure(self) -> Path:
+        """A few images with their raw vs cleaned masks, for a person to check the cleaning."""
+        return self.preprocess_dir / "cleaning_examples.png"
+
+    @property
+    def preprocess_config(self) -> Path:
+        return self.preprocess_dir / "config.yaml"
+
     def coco_json(self, fold: int, split: str) -> Path:
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -132,5 +141,20 @@ class Paths:
         return self.ensemble_dir / "report.md"
 
     @property
+    def ensemble_oof_scores(self) -> Path:
+        """Per-image OOF score of every method (single models, ensemble defaults and tuned)."""
+        return self.ensemble_dir / "oof_scores.csv"
+
+    def ensemble_figure(self, name: str) -> Path:
+        """A PNG of the ensemble report (the score chart, OOF overlays), beside report.md."""
+        return self.ensemble_dir / f"{name}.png"
+
+    @property
     def submission_csv(self) -> Path:
         return self.output_dir / "submission.csv"
+
+    def model_submission_csv(self, model: str) -> Path:
+        """06 with ``--only MODEL``: one model's submission, beside (never over) the ensemble's."""
+        if model not in MODEL_NAMES:
+            raise ValueError(f"unknown model {model!r}; valid: {list(MODEL_NAMES)}")
+        return self.output_dir / f"submission_{model}.csv"

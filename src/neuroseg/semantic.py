@@ -1,0 +1,70 @@
+"""Instance masks -> 3-class semantic target for UPerNet: 0 background, 1 interior, 2 border.
+
+``border`` is every pixel within ``border_width`` px (chessboard distance, i.e. a 3x3 erosion
+repeated) inside an instance's outline, plus every pixel covered by two or more instances. Two
+touching cells therefore get a border strip 2 * border_width wide between them, and the
+interior class alone splits into one connected blob per cell -- the seeds the watershed needs.
+The image edge is not an outline: a cell cut by the edge gets no border along it (the real cell
+goes on outside the frame).
+
+Each instance is processed in its bounding box, so the cost is the instances' area, not
+N x H x W.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import cv2
+import numpy as np
+
+from neuroseg import rle
+
+BACKGROUND, INTERIOR, BORDER = 0, 1, 2
+_SQUARE = np.ones((3, 3), dtype=np.uint8)
+
+
+def semantic_target_from_indices(
+    instances: Iterable[np.ndarray], shape: tuple[int, int], border_width: int
+) -> np.ndarray:
+    """Semantic target ``uint8 (H, W)`` from instances given as flat (row-major) pixel indices."""
+    if border_width < 0:
+        raise ValueError(f"border_width must be >= 0, got {border_width}")
+    h, w = int(shape[0]), int(shape[1])
+    coverage = np.zeros((h, w), dtype=np.int32)
+    border = np.zeros((h, w), dtype=bool)
+    for idx in instances:
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size == 0:
+            continue
+        ys, xs = np.divmod(idx, w)
+        # box plus a border_width margin, so the erosion sees real background around the cell
+        y0, x0 = max(int(ys.min()) - border_width, 0), max(int(xs.min()) - border_width, 0)
+        y1, x1 = min(int(ys.max()) + 1 + border_width, h), min(int(xs.max()) + 1 + border_width, w)
+        local = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+        local[ys - y0, xs - x0] = True
+        coverage[y0:y1, x0:x1] += local
+        if border_width:
+            # cv2 rather than scipy.ndimage: ~10x less overhead per call on thousands of small
+            # crops. Its default border counts as foreground, which is what we want: beyond the
+            # array is either margin background (already inside it) or outside the image, and the
+            # image edge must not count as an outline.
+            inner = cv2.erode(local.view(np.uint8), _SQUARE, iterations=border_width).view(bool)
+            border[y0:y1, x0:x1] |= local & ~inner
+    target = np.zeros((h, w), dtype=np.uint8)
+    target[coverage > 0] = INTERIOR
+    target[border | (coverage > 1)] = BORDER
+    return target
+
+
+def semantic_target(masks: np.ndarray, border_width: int) -> np.ndarray:
+    """Semantic target ``uint8 (H, W)`` from a bool instance stack ``(N, H, W)`` (may overlap)."""
+    masks = np.asarray(masks)
+    if masks.ndim != 3:
+        raise ValueError(f"semantic_target expects masks of shape (N, H, W), got {masks.shape}")
+    return semantic_target_from_indices((np.flatnonzero(m) for m in masks), masks.shape[1:], border_width)
+
+
+def semantic_target_from_rles(annotations: Iterable[str], shape: tuple[int, int], border_width: int) -> np.ndarray:
+    """Semantic target from Kaggle RLE strings, never holding more than one instance in memory."""
+    return semantic_target_from_indices((rle.decode_indices(a, shape) for a in annotations), shape, border_width)
