@@ -1,0 +1,175 @@
+"""torchvision Mask R-CNN behind the neuroseg model contract.
+
+Built from parts rather than ``maskrcnn_resnet50_fpn*`` so that the backbone size (resnet18/34/50),
+the v2 heads (``v2_head``: 2-conv RPN head, 4-conv+FC box head and BatchNorm mask head, as
+``maskrcnn_resnet50_fpn_v2``), the anchors (small cells need 4-8 px anchors) and the resize
+range (torchvision otherwise upscales everything to 800 px) come from the config.
+
+Eval runs transform -> backbone -> RPN -> ROI heads itself and stops before torchvision's
+``postprocess``, which would paste every mask into a full-size image: the contract (and the OOF
+cache) keep ``mask_probs (N, 28, 28)`` at box resolution; :func:`paste_masks` pastes on demand.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models import resnet
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.roi_heads import maskrcnn_inference, paste_masks_in_image
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.transform import resize_boxes
+
+from neuroseg.config import CELL_TYPES, Config, MaskRCNNConfig
+from neuroseg.dataset import GRAY_MEAN, GRAY_STD
+from neuroseg.models.base import NeurosegModel
+from neuroseg.models.weights import load_weights
+
+BACKBONES = ("resnet18", "resnet34", "resnet50")
+N_FPN_LEVELS = 5  # P2-P5 + the max-pool level: one anchor size each
+ASPECT_RATIOS = (0.5, 1.0, 2.0)
+MASK_THRESHOLD = 0.5
+# class-count-dependent layers (COCO has 91 classes, we have 3 + background)
+HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
+
+
+def paste_masks(mask_probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """``(N, M, M)`` box-resolution probabilities -> ``(N, H, W)`` float in image coordinates."""
+    if mask_probs.dim() != 3 or len(mask_probs) != len(boxes):
+        raise ValueError(f"expected mask_probs (N,M,M) and boxes (N,4), got {tuple(mask_probs.shape)} "
+                         f"and {tuple(boxes.shape)}")
+    h, w = int(image_size[0]), int(image_size[1])
+    if len(boxes) == 0:
+        return mask_probs.new_zeros((0, h, w), dtype=torch.float32)
+    return paste_masks_in_image(mask_probs[:, None].float(), boxes.float(), (h, w))[:, 0]
+
+
+def _network(cfg: MaskRCNNConfig) -> MaskRCNN:
+    if cfg.backbone not in BACKBONES:
+        raise ValueError(f"unknown maskrcnn backbone {cfg.backbone!r}; valid: {list(BACKBONES)}")
+    if len(cfg.anchor_sizes) != N_FPN_LEVELS:
+        raise ValueError(f"maskrcnn anchor_sizes needs {N_FPN_LEVELS} sizes (one per FPN level), "
+                         f"got {list(cfg.anchor_sizes)}")
+    # trainable BatchNorm (not torchvision's FrozenBatchNorm default): from random weights a frozen
+    # BN is an identity that never learns statistics
+    body = getattr(resnet, cfg.backbone)(weights=None, norm_layer=nn.BatchNorm2d)
+    backbone = _resnet_fpn_extractor(body, cfg.trainable_backbone_layers,
+                                     norm_layer=nn.BatchNorm2d if cfg.v2_head else None)
+    anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), (ASPECT_RATIOS,) * N_FPN_LEVELS)
+    c = backbone.out_channels
+    heads: dict[str, nn.Module] = {"rpn_head": RPNHead(c, len(ASPECT_RATIOS), conv_depth=2 if cfg.v2_head else 1)}
+    if cfg.v2_head:
+        heads["box_head"] = FastRCNNConvFCHead((c, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d)
+        heads["mask_head"] = MaskRCNNHeads(c, [256] * 4, 1, norm_layer=nn.BatchNorm2d)
+    net = MaskRCNN(
+        backbone,
+        num_classes=len(CELL_TYPES) + 1,
+        min_size=cfg.min_size,
+        max_size=cfg.max_size,
+        image_mean=[GRAY_MEAN] * 3,
+        image_std=[GRAY_STD] * 3,
+        rpn_anchor_generator=anchors,
+        # pre-NMS top-n is per FPN level; never below the post-NMS budget (dense images: ~800 cells)
+        rpn_pre_nms_top_n_train=max(2000, cfg.rpn_post_nms_top_n_train),
+        rpn_pre_nms_top_n_test=max(1000, cfg.rpn_post_nms_top_n_test),
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        box_batch_size_per_image=cfg.box_batch_size_per_image,
+        box_score_thresh=cfg.score_threshold,
+        box_nms_thresh=cfg.nms_iou,
+        box_detections_per_img=cfg.detections_per_image,
+        **heads,
+    )
+    _init_predictors(net)
+    return net
+
+
+def _init_predictors(net: MaskRCNN) -> None:
+    """detectron2's init of the last layers (small normal weights, zero bias). torchvision's
+    defaults assume pretrained features: from random weights they gave mask logits so large that
+    the first mask loss was ~7 instead of log 2 = 0.69, and Adam's first steps spiked the loss."""
+    box = net.roi_heads.box_predictor
+    mask = net.roi_heads.mask_predictor.mask_fcn_logits
+    for layer, std in ((box.cls_score, 0.01), (box.bbox_pred, 0.001), (mask, 0.001)):
+        nn.init.normal_(layer.weight, std=std)
+        nn.init.zeros_(layer.bias)
+
+
+class MaskRCNNModel(NeurosegModel):
+    name = "maskrcnn"
+    val_metric = "score"
+
+    def __init__(self, cfg: MaskRCNNConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.net = _network(cfg)
+
+    def forward(self, images: torch.Tensor, targets: list[dict] | None = None):
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images (B,3,H,W), got {tuple(images.shape)}")
+        if self.training:
+            if targets is None or len(targets) != len(images):
+                raise ValueError("training mode needs one target dict per image")
+            dev = images.device
+            tv_targets = [{"boxes": t["boxes"].to(dev).float().reshape(-1, 4),
+                           "labels": t["labels"].to(dev).long(),
+                           "masks": t["masks"].to(dev)} for t in targets]
+            return self.net(list(images), tv_targets)
+        return self._detect(images)
+
+    def _features(self, images: torch.Tensor):
+        image_list, _ = self.net.transform(list(images))
+        return image_list, self.net.backbone(image_list.tensors)
+
+    def _detect(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        size = list(images.shape[-2:])
+        image_list, features = self._features(images)
+        proposals, _ = self.net.rpn(image_list, features)
+        dets, _ = self.net.roi_heads(features, proposals, image_list.image_sizes)
+        return [{"boxes": resize_boxes(d["boxes"], list(s), size), "scores": d["scores"],
+                 "labels": d["labels"], "mask_probs": d["masks"][:, 0]}
+                for d, s in zip(dets, image_list.image_sizes)]
+
+    def masks_for_boxes(self, images: torch.Tensor, boxes: list[torch.Tensor],
+                        labels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Mask head on given boxes (input coordinates) -> per image ``(N, 28, 28)`` probability of
+        the given label. Used by the ensemble on its fused boxes. Call under ``torch.no_grad``."""
+        if len(boxes) != len(images) or len(labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(boxes)} box and {len(labels)} label tensors")
+        dev = images.device
+        m = 2 * self.net.roi_heads.mask_roi_pool.output_size[0]  # the head upsamples RoIAlign 2x: 28
+        if sum(len(b) for b in boxes) == 0:
+            return [images.new_zeros((0, m, m)) for _ in boxes]
+        size = list(images.shape[-2:])
+        image_list, features = self._features(images)
+        tboxes = [resize_boxes(b.to(dev).float().reshape(-1, 4), size, list(s))
+                  for b, s in zip(boxes, image_list.image_sizes)]
+        rh = self.net.roi_heads
+        x = rh.mask_predictor(rh.mask_head(rh.mask_roi_pool(features, tboxes, image_list.image_sizes)))
+        probs = maskrcnn_inference(x, [lab.to(dev).long().reshape(-1) for lab in labels])
+        return [p[:, 0] for p in probs]
+
+    def score_predictions(self, preds: list[dict], targets: list[dict]) -> list[dict[str, float]]:
+        from neuroseg.instances import masks_to_label
+        from neuroseg.metric import image_score, iou_matrix
+
+        out = []
+        for p, t in zip(preds, targets, strict=True):
+            size = tuple(t["masks"].shape[-2:])
+            masks = paste_masks(p["mask_probs"].detach().cpu(), p["boxes"].detach().cpu(), size) > MASK_THRESHOLD
+            label, _ = masks_to_label(masks.numpy(), p["scores"].detach().cpu().numpy())
+            truth = [np.flatnonzero(m) for m in t["masks"].cpu().numpy().reshape(len(t["masks"]), -1)]
+            out.append({"score": float(image_score(iou_matrix(truth, label)))})
+        return out
+
+
+def build_maskrcnn(cfg: Config) -> MaskRCNNModel:
+    model = MaskRCNNModel(cfg.maskrcnn)
+    if cfg.maskrcnn.weights:
+        load_weights(model.net, cfg.maskrcnn.weights, head_prefixes=HEAD_PREFIXES)
+    return model

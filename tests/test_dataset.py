@@ -1,0 +1,146 @@
+"""InstanceDataset / collate / InferenceDataset on tiny synthetic Kaggle-layout data."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from neuroseg.config import CELL_TYPES, AugmentConfig
+from neuroseg.dataset import InferenceDataset, InstanceDataset, collate, pack_layers, unpack_layers
+from neuroseg.semantic import semantic_target
+
+NO_AUG = AugmentConfig(hflip=0, vflip=0, rotate90=0, scale_limit=0, brightness_contrast=0, blur=0)
+
+
+def _bbox(mask: np.ndarray) -> list[float]:
+    ys, xs = np.nonzero(mask)
+    return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+
+def test_shapes_dtypes_labels_match_the_annotations(tiny_records_dir, tiny_records, tiny_images):
+    ds = InstanceDataset(tiny_records, tiny_records_dir / "train")
+    assert len(ds) == 3
+    for i, rec in enumerate(tiny_records):
+        image, t = ds[i]
+        cell_type, raw, masks = tiny_images[rec.image_id]
+        assert image.dtype == torch.float32 and image.shape == (3, 128, 160)
+        assert 0 <= image.min() and image.max() <= 1
+        assert torch.equal(image[0], image[2])  # gray repeated
+        assert torch.allclose(image[0] * 255, torch.from_numpy(raw).float())
+        n = len(masks)
+        assert t["masks"].dtype == torch.uint8 and t["masks"].shape == (n, 128, 160)
+        # CSV order kept, overlapping labels intact (the astro image has overlaps)
+        assert np.array_equal(t["masks"].numpy().astype(bool), masks)
+        assert t["boxes"].dtype == torch.float32
+        assert t["boxes"].tolist() == [_bbox(m) for m in masks]
+        assert t["labels"].dtype == torch.int64
+        assert t["labels"].tolist() == [CELL_TYPES.index(cell_type) + 1] * n
+        assert t["cell_type"].dtype == torch.int64 and t["cell_type"].item() == CELL_TYPES.index(cell_type)
+        assert t["semantic"].dtype == torch.int64
+        assert np.array_equal(t["semantic"].numpy(), semantic_target(masks, 2))
+        assert t["image_id"] == rec.image_id
+
+
+def test_overlapping_instances_use_separate_layers():
+    a = np.arange(0, 6)  # pixels 0..5 of a 4x4 image
+    b = np.arange(4, 10)  # overlaps a on 4, 5
+    c = np.arange(12, 14)  # overlaps nothing
+    layers = pack_layers([a, b, c], (4, 4))
+    assert layers.shape == (2, 4, 4)  # c fits in the first layer
+    masks = unpack_layers(layers, 3).reshape(3, -1)
+    for k, idx in enumerate((a, b, c)):
+        assert np.flatnonzero(masks[k]).tolist() == idx.tolist()
+
+
+def test_scale_resizes_image_masks_and_drops_vanished_instances(tiny_records_dir, tiny_records):
+    half = InstanceDataset(tiny_records, tiny_records_dir / "train", scale=0.5)
+    image, t = half[0]
+    assert image.shape == (3, 64, 80) and t["masks"].shape[1:] == (64, 80) and t["semantic"].shape == (64, 80)
+    # at 1/20 (6 x 8 px) nearest-neighbour resizing loses some cells: they must be dropped, not kept empty
+    tiny = InstanceDataset(tiny_records, tiny_records_dir / "train", scale=0.05)
+    _, t = tiny[0]
+    n_in = len(tiny_records[0].annotations)
+    assert 0 < len(t["masks"]) < n_in
+    assert len(t["boxes"]) == len(t["labels"]) == len(t["masks"])
+    assert (t["masks"].flatten(1).sum(1) > 0).all()
+
+
+def test_hflip_moves_image_masks_boxes_and_semantic_together(tiny_records_dir, tiny_records):
+    plain = InstanceDataset(tiny_records, tiny_records_dir / "train")
+    flip = InstanceDataset(tiny_records, tiny_records_dir / "train",
+                           augment=dataclasses.replace(NO_AUG, hflip=1.0))
+    img0, t0 = plain[1]
+    img1, t1 = flip[1]
+    w = img0.shape[-1]
+    assert torch.equal(img1, img0.flip(-1))
+    assert torch.equal(t1["masks"], t0["masks"].flip(-1))
+    assert torch.equal(t1["semantic"], t0["semantic"].flip(-1))
+    x1, y1, x2, y2 = t0["boxes"].unbind(1)
+    assert torch.equal(t1["boxes"], torch.stack([w - x2, y1, w - x1, y2], 1))
+
+
+def test_random_augmentation_keeps_targets_consistent(tiny_records_dir, tiny_records):
+    aug = AugmentConfig(hflip=0.5, vflip=0.5, rotate90=1.0, scale_limit=0.3, brightness_contrast=1.0, blur=1.0)
+    ds = InstanceDataset(tiny_records, tiny_records_dir / "train", augment=aug)
+    torch.manual_seed(3)
+    for i in range(len(ds)):
+        image, t = ds[i]
+        assert image.shape[-2:] in ((128, 160), (160, 128))  # rotate90 may swap H and W
+        masks = t["masks"].numpy().astype(bool)
+        assert masks.shape[0] > 0 and masks.reshape(len(masks), -1).any(1).all()
+        assert t["boxes"].tolist() == [_bbox(m) for m in masks]
+        # every instance pixel is a cell pixel of the semantic map and vice versa (same warp)
+        assert np.array_equal(t["semantic"].numpy() > 0, masks.any(0))
+
+
+def test_augmentation_follows_torch_seed(tiny_records_dir, tiny_records):
+    aug = AugmentConfig(hflip=0.5, vflip=0.5, rotate90=0.5, scale_limit=0.3, brightness_contrast=0.5, blur=0)
+    ds = InstanceDataset(tiny_records, tiny_records_dir / "train", augment=aug)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return [ds[i % 3][0] for i in range(6)]
+
+    a, b, c = run(0), run(0), run(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_semantic_dir_png_is_used_and_validated(tmp_path, tiny_records_dir, tiny_records):
+    sem_dir = tmp_path / "semantic"
+    sem_dir.mkdir()
+    rec = tiny_records[0]
+    cached = np.zeros(rec.shape, dtype=np.uint8)
+    cached[:10, :20] = 2  # deliberately unlike the computed target: proves the file is read
+    cv2.imwrite(str(sem_dir / f"{rec.image_id}.png"), cached)
+    ds = InstanceDataset(tiny_records[:1], tiny_records_dir / "train", semantic_dir=sem_dir)
+    assert np.array_equal(ds[0][1]["semantic"].numpy(), cached)
+    cv2.imwrite(str(sem_dir / f"{rec.image_id}.png"), cached + 3)
+    with pytest.raises(ValueError, match=rf"{rec.image_id}\.png: semantic values must be 0/1/2"):
+        ds[0]
+
+
+def test_collate_pads_mixed_orientations(tiny_records_dir, tiny_records):
+    ds = InstanceDataset(tiny_records[:1], tiny_records_dir / "train")
+    rot = InstanceDataset(tiny_records[:1], tiny_records_dir / "train",
+                          augment=dataclasses.replace(NO_AUG, rotate90=1.0))
+    a, b = ds[0], rot[0]
+    assert b[0].shape[-2:] == (160, 128)
+    images, targets = collate([a, b])
+    assert images.shape == (2, 3, 160, 160)
+    assert torch.equal(images[0, :, :128, :160], a[0])
+    assert targets[0]["masks"].shape[-2:] == (160, 160) and targets[0]["semantic"].shape == (160, 160)
+    assert targets[0]["masks"][:, 128:].sum() == 0 and targets[0]["semantic"][128:].sum() == 0
+    assert torch.equal(targets[1]["masks"][:, :, :128], b[1]["masks"])
+
+
+def test_inference_dataset(tiny_records_dir):
+    paths = sorted((tiny_records_dir / "train").glob("*.png"))
+    ds = InferenceDataset(paths, scale=0.5)
+    image, image_id, original = ds[0]
+    assert image.shape == (3, 64, 80) and image.dtype == torch.float32
+    assert image_id == paths[0].stem and original == (128, 160)
