@@ -1,0 +1,230 @@
+"""The training loop and fold orchestration, on a 1-conv toy model and a few 40x32 images."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import engine_toys as T
+from neuroseg import checkpoint, engine, oof, training
+from neuroseg.config import TrainConfig
+
+
+@pytest.fixture()
+def paths(tmp_path):
+    return T.make_dataset(tmp_path, n_images=8)
+
+
+def run(cfg, paths, fold=0, **kw):
+    return training.train_fold(cfg, paths, "upernet", fold, model_factory=T.ToySegmenter, **kw)
+
+
+def test_fold_writes_checkpoints_history_and_oof(paths):
+    cfg = T.toy_config("upernet.train.ema=true", "upernet.train.ema_decay=0.9")
+    summary = run(cfg, paths)
+    assert summary["skipped"] is False and summary["best_epoch"] in (1, 2)
+    fold_dir = paths.fold_dir("upernet", 0)
+    for name in ("last.pt", "best.pt", "history.csv", "history.png", "config.yaml", "done.json"):
+        assert (fold_dir / name).is_file(), name
+    assert (fold_dir / "history.png").read_bytes()[:4] == b"\x89PNG"
+
+    hist = pd.read_csv(paths.history_csv("upernet", 0))
+    assert list(hist["epoch"]) == [1, 2]
+    for col in ("lr", "loss", "loss_seg", "loss_cls", "val_score", "val_cell_type_acc", "time_s"):
+        assert hist[col].notna().all(), col
+    assert summary["best_metric"] == pytest.approx(hist["val_score"].max())
+
+    last = checkpoint.load(paths.last_checkpoint("upernet", 0))
+    assert {"model", "ema", "optimizer", "scheduler", "scaler", "epoch", "best_metric", "rng",
+            "config", "config_hash"} <= set(last)
+    assert last["epoch"] == 2 and last["ema"]["updates"] == 4  # 2 epochs x 2 steps (4 train images)
+    best = checkpoint.load(paths.best_checkpoint("upernet", 0))
+    if summary["best_epoch"] == 2:  # best.pt holds the EMA weights, not the raw ones
+        assert T.same_weights(best["model"], last["ema"]["module"])
+
+    # OOF: val images of fold 0, in the original 32x40 although the model ran at scale 0.5
+    manifest = oof.read_manifest(paths, "upernet", 0)
+    assert manifest["image_ids"] == ["img00", "img02", "img04", "img06"]
+    assert manifest["config_hash"] == summary["config_hash"]
+    assert manifest["checkpoint_sha256"] == checkpoint.sha256_file(paths.best_checkpoint("upernet", 0))
+    cached = oof.load_oof(paths, "upernet", 0)
+    probs = cached["img00"]["probs"]
+    assert probs.dtype == np.float16 and probs.shape == (3, T.H, T.W)
+    assert np.allclose(probs.astype(np.float32).sum(0), 1.0, atol=1e-2)
+    assert cached["img00"]["cell_type_probs"].dtype == np.float32
+    assert cached["img00"]["cell_type_probs"].shape == (3,)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
+    overrides = ("upernet.train.ema=true", "upernet.train.ema_decay=0.9")
+    full = T.make_dataset(tmp_path / "a", n_images=8)
+    cut = T.make_dataset(tmp_path / "b", n_images=8)
+    run(T.toy_config(*overrides), full)
+
+    def kill_after_first_epoch(epoch, row):
+        if epoch == 1:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        run(T.toy_config(*overrides), cut, on_epoch_end=kill_after_first_epoch)
+    assert checkpoint.load(cut.last_checkpoint("upernet", 0))["epoch"] == 1
+    assert not training.done_marker(cut, "upernet", 0).exists()
+
+    epochs_run = []
+    run(T.toy_config(*overrides), cut, on_epoch_end=lambda e, r: epochs_run.append(e))
+    assert epochs_run == [2]  # continued, did not restart
+    a = checkpoint.load(full.last_checkpoint("upernet", 0))
+    b = checkpoint.load(cut.last_checkpoint("upernet", 0))
+    assert T.same_weights(a["model"], b["model"])
+    assert T.same_weights(a["ema"]["module"], b["ema"]["module"])
+    assert len(pd.read_csv(cut.history_csv("upernet", 0))) == 2
+
+
+def test_same_seed_same_weights_other_seed_differs(tmp_path):
+    def one_epoch(d, seed):
+        p = T.make_dataset(tmp_path / d, n_images=8)
+        run(T.toy_config("upernet.train.epochs=1", f"seed={seed}"), p)
+        return T.weights(p.last_checkpoint("upernet", 0))
+
+    first = one_epoch("a", 1)
+    assert T.same_weights(first, one_epoch("b", 1))
+    assert not T.same_weights(first, one_epoch("c", 2))
+
+
+def test_finished_fold_is_skipped_force_retrains_config_change_restarts(paths, caplog):
+    cfg = T.toy_config("upernet.train.epochs=1")
+    run(cfg, paths)
+    epochs = []
+    again = run(cfg, paths, on_epoch_end=lambda e, r: epochs.append(e))
+    assert again["skipped"] is True and epochs == []
+
+    run(cfg, paths, force=True, on_epoch_end=lambda e, r: epochs.append(e))
+    assert epochs == [1]
+
+    caplog.set_level(logging.INFO, logger="neuroseg")
+    changed = T.toy_config("upernet.train.epochs=1", "upernet.train.lr=0.02")
+    result = run(changed, paths, on_epoch_end=lambda e, r: epochs.append(e))
+    assert epochs == [1, 1] and result["skipped"] is False
+    assert "training afresh (config changed" in caplog.text
+    assert oof.read_manifest(paths, "upernet", 0)["config_hash"] == result["config_hash"]
+    # only the fold's own config matters: training another subset of folds reuses this one
+    subset = T.toy_config("upernet.train.epochs=1", "upernet.train.lr=0.02", "folds.train_folds=[0]")
+    assert run(subset, paths)["skipped"] is True
+
+
+def test_stale_or_partial_oof_is_rebuilt_without_retraining(paths):
+    cfg = T.toy_config("upernet.train.epochs=1")
+    run(cfg, paths)
+    oof_dir = paths.oof_dir("upernet", 0)
+    (oof_dir / "img02.npz").unlink()  # partial cache
+    assert not oof.is_fresh(paths, "upernet", 0, oof.fold_config_hash(cfg, paths, "upernet"),
+                            checkpoint.sha256_file(paths.best_checkpoint("upernet", 0)))
+    epochs = []
+    assert run(cfg, paths, on_epoch_end=lambda e, r: epochs.append(e))["skipped"] is True
+    assert epochs == [] and (oof_dir / "img02.npz").is_file()
+
+
+def test_missing_preprocess_outputs_name_the_step(paths):
+    paths.folds_csv.unlink()
+    with pytest.raises(FileNotFoundError, match="run 01_preprocess.py first"):
+        run(T.toy_config(), paths)
+
+
+def test_folds_csv_must_match_n_folds(paths):
+    with pytest.raises(ValueError, match="n_folds=3"):
+        run(T.toy_config("folds.n_folds=3"), paths)
+
+
+def test_max_train_steps_caps_an_epoch(paths):
+    run(T.toy_config("upernet.train.epochs=1", "upernet.train.batch_size=1",
+                     "upernet.train.max_train_steps_per_epoch=3"), paths)
+    assert checkpoint.load(paths.last_checkpoint("upernet", 0))["scheduler"]["last_epoch"] == 3
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
+    f = [engine.lr_factor(s, total_steps=10, warmup_steps=2, min_lr_ratio=0.1) for s in range(11)]
+    assert f[:2] == [0.5, 1.0]
+    assert f[2] == pytest.approx(1.0)
+    assert f[6] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f[10] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[1:], f[2:]))
+
+
+def test_optimizer_choice_and_no_decay_on_1d_params():
+    model = T.ToySegmenter()
+    opt = engine.build_optimizer(model, TrainConfig(optimizer="sgd", weight_decay=0.1))
+    assert isinstance(opt, torch.optim.SGD)
+    decayed, plain = opt.param_groups
+    assert all(p.ndim > 1 for p in decayed["params"]) and plain["weight_decay"] == 0.0
+    with pytest.raises(ValueError, match="adamw or sgd"):
+        engine.build_optimizer(model, TrainConfig(optimizer="adam"))
+
+
+def test_ema_ramps_up_and_copies_integer_buffers():
+    model = nn.BatchNorm1d(2)
+    ema = checkpoint.ModelEMA(model, decay=0.9, ramp=1.0)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    model.num_batches_tracked.fill_(7)
+    ema.update(model)
+    d = 0.9 * (1 - math.exp(-1))
+    assert ema.module.weight[0].item() == pytest.approx(d * 1.0 + (1 - d) * 2.0)
+    assert ema.module.num_batches_tracked.item() == 7
+    assert not ema.module.weight.requires_grad
+
+
+# ---- the real models, one capped step each, through the same loop ----
+
+TINY_MODELS = {
+    "yolox": ["yolox.size=nano", "yolox.input_size=64"],
+    "maskrcnn": ["maskrcnn.backbone=resnet18", "maskrcnn.v2_head=false", "maskrcnn.min_size=64",
+                 "maskrcnn.max_size=80", "maskrcnn.rpn_post_nms_top_n_train=200",
+                 "maskrcnn.rpn_post_nms_top_n_test=100", "maskrcnn.detections_per_image=10",
+                 "maskrcnn.box_batch_size_per_image=64"],
+    "upernet": ["upernet.encoder=resnet18", "upernet.decoder_channels=16"],
+}
+
+
+@pytest.fixture(scope="module")
+def preprocessed(tmp_path_factory):
+    """conftest's three 128x160 synthetic images through the real 01 step, 3 folds."""
+    from conftest import draw_cells, write_kaggle_dir
+    from neuroseg import config
+    from neuroseg.config import CELL_TYPES
+    from neuroseg.paths import Paths
+    from neuroseg.preprocess import run_preprocess
+
+    root = tmp_path_factory.mktemp("real")
+    rng = np.random.default_rng(0)
+    images = {f"img{i}{t}": (t, *draw_cells(rng, 128, 160, t, n_cells=5)) for i, t in enumerate(CELL_TYPES)}
+    write_kaggle_dir(root / "data", images)
+    paths = Paths(root / "data", root / "out")
+    run_preprocess(config.load(None, ["folds.n_folds=3"]), paths)
+    return paths
+
+
+@pytest.mark.parametrize("model", ["yolox", "maskrcnn", "upernet"])
+def test_real_model_trains_a_capped_epoch_and_caches_oof(preprocessed, model):
+    from neuroseg import config
+
+    t = f"{model}.train"
+    cfg = config.load(None, ["device=cpu", "folds.n_folds=3", "data.train_scale=0.5", *TINY_MODELS[model],
+                             f"{t}.epochs=1", f"{t}.max_train_steps_per_epoch=1", f"{t}.batch_size=2",
+                             f"{t}.num_workers=0"])
+    summary = training.train_fold(cfg, preprocessed, model, 0)
+    assert np.isfinite(summary["best_metric"])
+    hist = pd.read_csv(preprocessed.history_csv(model, 0))
+    assert np.isfinite(hist["loss"]).all() and f"val_{summary['val_metric']}" in hist
+    (image_id, pred), = oof.load_oof(preprocessed, model, 0).items()
+    assert {k: str(v.dtype) for k, v in pred.items()} == {k: d for k, (d, _) in oof.SPEC[model].items()}
+    if model == "upernet":  # original 128x160, although the model saw 64x80
+        assert pred["probs"].shape == (3, 128, 160)
+    else:
+        assert pred["boxes"].shape[1:] == (4,) and len(pred["scores"]) == len(pred["labels"])
+        assert (pred["boxes"][:, 2] <= 160 + 1e-3).all() and (pred["boxes"][:, 3] <= 128 + 1e-3).all()

@@ -1,0 +1,202 @@
+"""Fusion of hand-built predictions (tests/ensemble_toys.py): consensus, no overlap, the cell-type
+vote and per-type parameters, box-local pasting, the params JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from ensemble_toys import CELLS, H, W, boxset, ellipse_in, ellipse_mask_fn, image_pred, type_probs
+from neuroseg.config import CELL_TYPES
+from neuroseg.ensemble import (EnsembleParams, ImagePredictions, TypeParams, fuse, paste_local,
+                               single_model, type_votes, vote_cell_type)
+from neuroseg.metric import image_score, iou_matrix
+from neuroseg.models.maskrcnn import paste_masks
+
+
+def params_with(**type_fields) -> EnsembleParams:
+    p = EnsembleParams.defaults()
+    p.ensemble = {t: dataclasses.replace(tp, **type_fields) for t, tp in p.ensemble.items()}
+    return p
+
+
+def instances(label: np.ndarray) -> list[np.ndarray]:
+    return [np.flatnonzero(label == k) for k in range(1, int(label.max()) + 1)]
+
+
+def test_paste_local_equals_full_image_paste():
+    rng = np.random.default_rng(0)
+    # boxes across the border and sub-pixel ones
+    boxes = np.array([[-3.2, 5.5, 20.1, 30.7], [40, 40, 63.9, 63.9], [10.5, 10.5, 11.2, 11.9],
+                      [50, 1, 70, 9]], np.float32)
+    probs = rng.random((len(boxes), 28, 28)).astype(np.float32)
+    full = paste_masks(torch.from_numpy(probs), torch.from_numpy(boxes), (H, W)).numpy()
+    for f, (y0, x0, crop) in zip(full, paste_local(probs, boxes, (H, W))):
+        g = np.zeros((H, W), np.float32)
+        g[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]] = crop
+        assert np.array_equal(f, g)
+    # a box outside the image (torchvision's paste fails on it) pastes nothing
+    assert paste_local(probs[:1], np.array([[70, 70, 80, 80]], np.float32), (H, W))[0][2].size == 0
+
+
+def test_identical_predictions_fuse_to_the_same_instances():
+    pred = image_pred("a", "cort")
+    once = fuse(pred, EnsembleParams.defaults(), ellipse_mask_fn())
+    # the truth ellipses are found, one instance each
+    assert len(once.scores) == len(CELLS)
+    assert image_score(iou_matrix([np.flatnonzero(ellipse_in(b)) for b in CELLS], once.label)) > 0.8
+    # three more copies of every pass change nothing: fusing agreeing models is the identity
+    twice = dataclasses.replace(pred, yolox=pred.yolox * 2, maskrcnn=pred.maskrcnn * 2,
+                                maskrcnn_mask_probs=pred.maskrcnn_mask_probs * 2)
+    again = fuse(twice, EnsembleParams.defaults(), ellipse_mask_fn())
+    assert np.array_equal(once.label, again.label)
+    np.testing.assert_allclose(once.scores, again.scores, rtol=1e-5)
+
+
+def test_disjoint_predictions_are_all_kept():
+    y = boxset(CELLS[:2], [0.9, 0.9], 3)
+    m = boxset(CELLS[2:], [0.9, 0.9], 3)
+    pred = ImagePredictions("a", H, W, yolox=[y], maskrcnn=[m], maskrcnn_mask_probs=[np.zeros((2, 28, 28))])
+    out = fuse(pred, params_with(score_threshold=0.2), ellipse_mask_fn())
+    assert len(out.scores) == 4
+    # consensus: a box seen by one model of two keeps half the score it has when both see it
+    both = ImagePredictions("b", H, W, yolox=[boxset(CELLS, [0.9] * 4, 3)], maskrcnn=[boxset(CELLS, [0.9] * 4, 3)],
+                            maskrcnn_mask_probs=[np.zeros((4, 28, 28))])
+    agreed = fuse(both, params_with(score_threshold=0.2), ellipse_mask_fn())
+    np.testing.assert_allclose(np.sort(out.scores), np.sort(agreed.scores) / 2, rtol=1e-5)
+    # ... so a threshold between the two removes exactly the single-model boxes
+    assert len(fuse(pred, params_with(score_threshold=0.5), ellipse_mask_fn()).scores) == 0
+    assert len(fuse(both, params_with(score_threshold=0.5), ellipse_mask_fn()).scores) == 4
+
+
+def test_overlapping_masks_go_to_the_higher_score():
+    a, b = [10, 10, 40, 40], [25, 10, 55, 40]  # overlapping boxes: their ellipses share pixels
+    y = boxset([a, b], [0.9, 0.6], 1)
+    pred = ImagePredictions("a", H, W, yolox=[y], maskrcnn=[y], maskrcnn_mask_probs=[np.zeros((2, 28, 28))])
+    fn = ellipse_mask_fn()
+    out = fuse(pred, params_with(score_threshold=0.0, min_area=0, upernet_weight=0.0), fn)
+    assert len(out.scores) == 2 and out.scores[0] > out.scores[1]
+    # the masks each box would get alone (mask head pasted, thresholded)
+    ea, eb = (paste_masks(torch.from_numpy(fn(y.boxes, y.labels)), torch.from_numpy(y.boxes), (H, W)) > 0.5).numpy()
+    assert (ea & eb).sum() > 50
+    # every pixel has one owner: the union is covered once, the shared part by the better instance
+    assert np.array_equal(out.label > 0, ea | eb)
+    assert (out.label[ea] == 1).all()
+    assert np.array_equal(out.label == 2, eb & ~ea)
+
+
+def test_cell_type_vote():
+    pred = image_pred("a", "astro")
+    pred.maskrcnn[0].labels[:] = CELL_TYPES.index("cort") + 1  # Mask R-CNN disagrees
+    votes = type_votes(pred)
+    np.testing.assert_allclose(votes["yolox"], [0, 1, 0])
+    np.testing.assert_allclose(votes["maskrcnn"], [0, 0, 1])
+    assert vote_cell_type(votes, {"yolox": 1.0, "maskrcnn": 1.0, "upernet": 1.0}) == "astro"
+    assert vote_cell_type(votes, {"yolox": 1.0, "maskrcnn": 3.0, "upernet": 1.0}) == "cort"
+    only_upernet = ImagePredictions("u", H, W, upernet_cell_type_probs=type_probs("cort"))
+    assert vote_cell_type(type_votes(only_upernet), {"upernet": 1.0}) == "cort"
+    # score mass, not box count: two weak cort boxes lose to one strong shsy5y box
+    mixed = boxset([[0, 0, 5, 5]] * 3, [0.2, 0.2, 0.9], 3)
+    mixed.labels[2] = 1
+    assert vote_cell_type(type_votes(ImagePredictions("b", H, W, yolox=[mixed])), {"yolox": 1.0}) == "shsy5y"
+
+
+def test_per_type_parameters_follow_the_voted_type():
+    params = EnsembleParams.defaults()
+    params.ensemble["astro"] = dataclasses.replace(params.ensemble["astro"], score_threshold=2.0)  # drop all
+    astro, cort = image_pred("a", "astro"), image_pred("c", "cort")
+    assert fuse(astro, params, ellipse_mask_fn()).cell_type == "astro"
+    assert len(fuse(astro, params, ellipse_mask_fn()).scores) == 0
+    assert len(fuse(cort, params, ellipse_mask_fn()).scores) == len(CELLS)
+    # the mask head is asked for the voted type's channel
+    fn = ellipse_mask_fn()
+    fuse(cort, params, fn)
+    assert (fn.calls[0][1] == CELL_TYPES.index("cort") + 1).all()
+
+
+def test_without_mask_head_upernet_masks_the_boxes():
+    pred = image_pred("a", "shsy5y")
+    out = fuse(pred, EnsembleParams.defaults(), None)
+    truth = [np.flatnonzero(ellipse_in(b)) for b in CELLS]
+    assert len(out.scores) == len(CELLS)
+    assert image_score(iou_matrix(truth, out.label)) == 1.0  # UPerNet's map is the truth here
+
+
+def test_upernet_weight_blends_the_mask_head_with_upernet():
+    pred = image_pred("a", "shsy5y")
+    weak = ellipse_mask_fn(inside=0.4)  # the mask head alone is below the 0.5 threshold
+    assert len(fuse(pred, params_with(upernet_weight=0.0), weak).scores) == 0
+    assert len(fuse(pred, params_with(upernet_weight=0.5), weak).scores) == len(CELLS)
+
+
+def test_single_models():
+    pred = image_pred("a", "cort")
+    truth = [np.flatnonzero(ellipse_in(b)) for b in CELLS]
+    for model in ("maskrcnn", "upernet"):
+        out = single_model(pred, model, EnsembleParams.defaults())
+        assert out.cell_type == "cort" and len(out.scores) == len(CELLS)
+        assert image_score(iou_matrix(truth, out.label)) > 0.8
+    with pytest.raises(ValueError, match="valid"):
+        single_model(pred, "yolox", EnsembleParams.defaults())
+    # UPerNet's score threshold is its own, per type
+    params = EnsembleParams.defaults()
+    params.upernet["cort"] = dataclasses.replace(params.upernet["cort"], score_threshold=0.99)
+    assert len(single_model(pred, "upernet", params).scores) == 0
+
+
+def test_params_json_round_trip_and_errors():
+    p = EnsembleParams.defaults()
+    p.ensemble["astro"] = TypeParams(yolox_weight=0.5, wbf_iou=0.6, min_area=40)
+    p.vote_weights["upernet"] = 2.0
+    import json
+
+    back = EnsembleParams.from_json(json.loads(json.dumps(p.to_json())))
+    assert back == p and isinstance(back.ensemble["astro"].min_area, int)
+    bad = p.to_json()
+    bad["ensemble"]["astro"]["wbf_iuo"] = bad["ensemble"]["astro"].pop("wbf_iou")
+    with pytest.raises(ValueError, match="wbf_iou"):
+        EnsembleParams.from_json(bad)
+    with pytest.raises(ValueError, match="cell types"):
+        EnsembleParams.from_json({**p.to_json(), "upernet": {}})
+
+
+def test_boxfusion_equals_ensemble_boxes():
+    import warnings
+
+    from ensemble_boxes import weighted_boxes_fusion as reference
+
+    from neuroseg.boxfusion import weighted_boxes_fusion
+
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        base = rng.random((rng.integers(0, 30), 4)) * 0.8
+        base[:, 2:] = base[:, :2] + rng.random((len(base), 2)) * 0.2 + 0.01
+        boxes, scores = [], []
+        for _ in range(rng.integers(1, 5)):  # passes: jittered copies, some cells missed
+            b = (base + rng.normal(0, 0.01, base.shape))[rng.random(len(base)) < 0.8]
+            boxes.append((b * 1.1 - 0.05 if trial % 3 == 0 else b).astype(np.float32))  # some out of [0,1]
+            scores.append(rng.random(len(b)).astype(np.float32))
+        weights = rng.random(len(boxes)) + 0.1
+        iou, skip = [0.3, 0.55, 0.7][trial % 3], [0.0, 0.2][trial % 2]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ensemble_boxes warns about every clipped box
+            rb, rs, _ = reference(boxes, scores, [np.zeros(len(s)) for s in scores], weights=weights,
+                                  iou_thr=iou, skip_box_thr=skip)
+        fb, fs = weighted_boxes_fusion(boxes, scores, weights, iou_thr=iou, skip_box_thr=skip)
+        assert np.array_equal(rb.reshape(-1, 4), fb) and np.array_equal(rs, fs)
+
+
+def test_no_detections_give_an_empty_label_and_missing_masks_an_error():
+    empty = boxset(np.zeros((0, 4)), [], 1)
+    pred = ImagePredictions("a", H, W, yolox=[empty], maskrcnn=[empty], maskrcnn_mask_probs=[np.zeros((0, 28, 28))])
+    for out in (fuse(pred, EnsembleParams.defaults(), ellipse_mask_fn()),
+                single_model(pred, "maskrcnn", EnsembleParams.defaults())):
+        assert out.label.shape == (H, W) and out.label.dtype == np.int32 and not out.label.any()
+        assert len(out.scores) == 0
+    # boxes but neither a mask head nor UPerNet: nothing can draw the masks
+    no_masks = dataclasses.replace(image_pred("b", "cort"), upernet_probs=None)
+    with pytest.raises(ValueError, match="mask_fn"):
+        fuse(no_masks, EnsembleParams.defaults(), None)

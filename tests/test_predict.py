@@ -1,0 +1,288 @@
+"""Test-time inference: flip TTA un-flips, coordinates map back, streaming is lazy, checkpoints load.
+
+The TTA tests use the equivariant stubs of ``predict_stubs.py`` (exact answers, milliseconds); the
+submission and CLI tests use real but tiny, untrained models saved as ``best.pt`` the way the
+engine saves them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from neuroseg import tta
+from neuroseg.inference import FoldEnsemble, iter_predictions, load_fold_models
+from neuroseg.paths import Paths
+from predict_stubs import StubDetector, StubSegmenter, asymmetric_image, bright_box
+
+# asymmetric_image's bright rectangle in original pixels, xyxy edges
+RECT = np.array([[20, 4, 36, 12]], dtype=np.float32)
+
+
+# ---- tta.py ----
+
+def test_flip_boxes_mirrors_like_the_image():
+    img = torch.zeros(3, 10, 16)
+    img[:, 2:5, 1:4] = 1.0  # box [1, 2, 4, 5]
+    box = bright_box(img)
+    for view in tta.VIEWS:
+        flipped = bright_box(tta.flip_image(img, view))
+        assert torch.equal(tta.flip_boxes(box, view, 10, 16), flipped), view
+        # a flip is its own inverse
+        assert torch.equal(tta.flip_boxes(flipped, view, 10, 16), box), view
+    assert tta.views(False) == ("none",)
+    with pytest.raises(ValueError, match="valid"):
+        tta.flip_image(img, "rot90")
+
+
+# ---- FoldEnsemble with stubs ----
+
+def stub_ensemble(tta_flips: bool, folds: int = 1, scale: float = 0.5) -> FoldEnsemble:
+    return FoldEnsemble({"yolox": [StubDetector() for _ in range(folds)],
+                         "maskrcnn": [StubDetector(masks=True) for _ in range(folds)],
+                         "upernet": [StubSegmenter() for _ in range(folds)]},
+                        scale=scale, tta_flips=tta_flips)
+
+
+def test_boxes_map_back_to_original_coordinates_in_every_view():
+    image = asymmetric_image()
+    # the stub really sees a different box on a flipped input, so un-flipping is what's tested
+    x = torch.from_numpy(image).float().div(255).expand(3, -1, -1)
+    assert not torch.equal(bright_box(tta.flip_image(x, "hflip")), bright_box(x))
+    pred = stub_ensemble(tta_flips=True, folds=2).predict_image(image, "a")
+    assert (pred.image_id, pred.height, pred.width) == ("a", 40, 60)
+    assert len(pred.yolox) == len(pred.maskrcnn) == 2 * 3  # folds x views
+    for boxset in pred.yolox + pred.maskrcnn:
+        np.testing.assert_array_equal(boxset.boxes, RECT)  # input px / 0.5
+        assert boxset.labels.tolist() == [2]
+
+
+def test_mask_probs_and_upernet_probs_are_unflipped():
+    image = asymmetric_image()
+    plain = stub_ensemble(tta_flips=False).predict_image(image)
+    flips = stub_ensemble(tta_flips=True).predict_image(image)
+    ref = plain.maskrcnn_mask_probs[0]
+    assert ref.shape == (1, 28, 28)
+    assert not np.allclose(ref, ref[..., ::-1], atol=1e-3)  # asymmetric: a missed un-flip would show
+    assert not np.allclose(ref, ref[:, ::-1], atol=1e-3)
+    for m in flips.maskrcnn_mask_probs:
+        np.testing.assert_allclose(m, ref, atol=2e-3)  # fp16 in the OOF format
+    assert plain.upernet_probs.shape == (3, 40, 60) and plain.upernet_probs.dtype == np.float32
+    np.testing.assert_allclose(flips.upernet_probs, plain.upernet_probs, atol=2e-3)
+    np.testing.assert_allclose(flips.upernet_cell_type_probs, [0.2, 0.5, 0.3], atol=1e-6)
+    # the probabilities are those of the image itself: bright rectangle = interior
+    assert flips.upernet_probs[1, 8, 28] > 0.5 > flips.upernet_probs[1, 30, 5]
+
+
+def test_mask_fn_averages_unflipped_views():
+    image = asymmetric_image()
+    ens_plain, ens_flips = stub_ensemble(False), stub_ensemble(True)
+    got = ens_flips.mask_fn(image)(RECT, np.array([2]))
+    want = ens_plain.mask_fn(image)(RECT, np.array([2]))
+    assert got.shape == (1, 28, 28)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert not np.allclose(want, want[..., ::-1], atol=1e-3)
+    assert ens_flips.mask_fn(image)(np.zeros((0, 4)), np.zeros(0)).shape == (0, 28, 28)
+
+
+def test_one_forward_per_fold_covers_every_view_and_image():
+    ens = stub_ensemble(tta_flips=True)
+    images = [asymmetric_image(), np.full((40, 60), 30, np.uint8)]  # the second has no cell
+    preds = ens.predict_batch(images, ["a", "b"])
+    assert ens.models["yolox"][0].calls == 1
+    assert [len(b.boxes) for b in preds[0].yolox] == [1, 1, 1]
+    assert [len(b.boxes) for b in preds[1].yolox] == [0, 0, 0]
+
+
+def test_iter_predictions_is_lazy(tmp_path):
+    """A generator: the second file is not even read before the first prediction is consumed, so
+    memory holds one batch, never the whole test set."""
+    good, bad = tmp_path / "a.png", tmp_path / "b.png"
+    Image.fromarray(asymmetric_image()).save(good)
+    bad.write_bytes(b"not a png")
+    it = iter_predictions(stub_ensemble(False), [good, bad], batch_size=1)
+    image, pred = next(it)
+    assert pred.image_id == "a" and image.shape == (40, 60)
+    with pytest.raises(Exception, match="b.png"):
+        next(it)
+
+
+def test_missing_checkpoints_are_named_with_the_script(tmp_path):
+    from neuroseg import config
+
+    cfg = config.load(None, ["folds.n_folds=2"])
+    with pytest.raises(FileNotFoundError) as e:
+        load_fold_models(cfg, Paths(tmp_path, tmp_path / "out"), ["maskrcnn"], torch.device("cpu"))
+    msg = str(e.value)
+    assert "fold0/best.pt" in msg and "fold1/best.pt" in msg and "03_train_maskrcnn.py" in msg
+
+
+# ---- make_submission with stubs: exact expectations ----
+
+def kaggle_test_dir(root, images: dict[str, np.ndarray]) -> Paths:
+    paths = Paths(root / "data", root / "out")
+    paths.test_images.mkdir(parents=True)
+    for image_id, image in images.items():
+        Image.fromarray(image).save(paths.test_images / f"{image_id}.png")
+    return paths
+
+
+def write_default_params(paths: Paths) -> None:
+    from neuroseg.ensemble import EnsembleParams
+    from neuroseg.io_utils import atomic_write_json
+
+    # the layout 05_ensemble.py writes (report.run_ensemble); only "params" is read back
+    atomic_write_json(paths.ensemble_params, {"format": 1, "params": EnsembleParams().to_json(), "scores": {}})
+
+
+def read_rows(path) -> dict[str, list[str]]:
+    import pandas as pd
+
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    assert list(df.columns) == ["id", "predicted"]
+    out: dict[str, list[str]] = {}
+    for image_id, predicted in zip(df["id"], df["predicted"]):
+        out.setdefault(image_id, []).append(predicted)
+    return out
+
+
+@pytest.fixture
+def stub_test_set(tmp_path):
+    """A cell image and an image where nothing is detected, with default ensemble params."""
+    paths = kaggle_test_dir(tmp_path, {"cells": asymmetric_image(), "blank": np.full((40, 60), 30, np.uint8)})
+    write_default_params(paths)
+    return paths
+
+
+@pytest.mark.parametrize("only", [None, "maskrcnn", "upernet"])
+def test_make_submission_rows_match_the_image(stub_test_set, only):
+    from neuroseg import config, rle
+    from neuroseg.predict import make_submission
+
+    paths = stub_test_set
+    cfg = config.load(None, ["submission.tta_flips=true"])
+    out = make_submission(cfg, paths, only=only, folds=stub_ensemble(True, scale=0.5))
+    assert out == (paths.submission_csv if only is None else paths.output_dir / f"submission_{only}.csv")
+    if only is not None:
+        assert not paths.submission_csv.exists()  # a single model never overwrites the ensemble's file
+    rows = read_rows(out)
+    assert sorted(rows) == ["blank", "cells"]
+    assert rows["blank"] == [""]  # nothing detected: one row, empty prediction
+    assert len(rows["cells"]) == 1
+    mask = rle.decode(rows["cells"][0], (40, 60))
+    rect = np.zeros((40, 60), bool)
+    rect[4:12, 20:36] = True
+    assert (mask & rect).sum() / (mask | rect).sum() > 0.8
+    assert not list(paths.output_dir.glob(".*unvalidated*"))  # the temporary file was moved
+
+
+def test_make_submission_refuses_an_invalid_csv(stub_test_set, monkeypatch):
+    """Overlapping masks break the scorer's rules: the CSV is not put in place, the error lists why."""
+    from neuroseg import config, instances
+    from neuroseg.predict import SubmissionError, make_submission
+
+    monkeypatch.setattr(instances, "label_to_rles", lambda label: ["1 5", "3 5"])
+    with pytest.raises(SubmissionError, match="overlap"):
+        make_submission(config.load(None, []), stub_test_set, folds=stub_ensemble(False))
+    assert not stub_test_set.submission_csv.exists()
+
+
+def test_make_submission_needs_tuned_params(stub_test_set):
+    from neuroseg import config
+    from neuroseg.predict import make_submission
+
+    stub_test_set.ensemble_params.write_text('{"format": 1, "params": {"ensemble": {}}}')
+    with pytest.raises(ValueError, match="params.json.*rerun 05_ensemble.py"):
+        make_submission(config.load(None, []), stub_test_set, folds=stub_ensemble(False))
+    stub_test_set.ensemble_params.unlink()
+    with pytest.raises(FileNotFoundError, match="run 05_ensemble.py first"):
+        make_submission(config.load(None, []), stub_test_set, folds=stub_ensemble(False))
+
+
+# ---- real (tiny, untrained) models from fake best.pt files: 06 script and predict CLI ----
+
+TINY = ["device=cpu", "folds.n_folds=2", "folds.train_folds=[0]", "data.train_scale=1.0",
+        "yolox.size=nano", "yolox.input_size=64", "maskrcnn.backbone=resnet18", "maskrcnn.v2_head=false",
+        "maskrcnn.min_size=32", "maskrcnn.max_size=48", "maskrcnn.rpn_post_nms_top_n_test=50",
+        "maskrcnn.detections_per_image=3", "upernet.encoder=resnet18", "upernet.decoder_channels=16",
+        "submission.tta_flips=true"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Fold-0 ``best.pt`` of each model as the engine writes it, default params, a test folder."""
+    from neuroseg import checkpoint, config, models
+
+    root = tmp_path_factory.mktemp("trained")
+    cfg = config.load(None, TINY)
+    rng = np.random.default_rng(0)
+    paths = kaggle_test_dir(root, {"t1": rng.integers(0, 255, (32, 40), dtype=np.uint8),
+                                   "t2": asymmetric_image(32, 40)})
+    for name in ("yolox", "maskrcnn", "upernet"):
+        torch.manual_seed(0)
+        model = models.build(name, cfg)
+        checkpoint.save({"model": model.state_dict(), "model_name": name, "fold": 0, "epoch": 1,
+                         "metric": 0.0, "config": cfg.to_dict(), "config_hash": "test"},
+                        paths.best_checkpoint(name, 0))
+    write_default_params(paths)
+    return paths
+
+
+def script_args(paths: Paths, *extra: str) -> list[str]:
+    return ["--data-dir", str(paths.data_dir), "--output-dir", str(paths.output_dir),
+            *[a for o in TINY for a in ("--set", o)], *extra]
+
+
+def test_06_script_writes_valid_submissions(trained):
+    import importlib.util
+
+    from neuroseg.submission import validate_submission
+
+    spec = importlib.util.spec_from_file_location("make_submission", "06_make_submission.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(script_args(trained)) == 0
+    assert validate_submission(trained.submission_csv, trained.test_images) == []
+    assert sorted(read_rows(trained.submission_csv)) == ["t1", "t2"]
+    assert script.main(script_args(trained, "--only", "maskrcnn")) == 0
+    single = trained.output_dir / "submission_maskrcnn.csv"
+    assert validate_submission(single, trained.test_images) == []
+    # a fold the config asks for but nobody trained: exit 1, naming the checkpoint and the script
+    assert script.main(script_args(trained, "--set", "folds.train_folds=[0,1]")) == 1
+
+
+def test_predict_cli_mixed_png_and_tiff(trained, tmp_path):
+    import tifffile
+
+    from neuroseg.cli import main
+
+    src = tmp_path / "images"
+    src.mkdir()
+    Image.fromarray(asymmetric_image(32, 40)).save(src / "a.png")
+    tifffile.imwrite(src / "b.tif", asymmetric_image(36, 44))  # another size: its own forward pass
+    (src / "notes.txt").write_text("ignored")
+    out = tmp_path / "pred"
+    argv = ["predict", str(src), "--out", str(out), "--output-dir", str(trained.output_dir),
+            *[a for o in TINY for a in ("--set", o)]]
+    assert main(argv) == 0
+    assert sorted(read_rows(out / "predictions.csv")) == ["a", "b"]
+    for stem, shape in (("a", (32, 40)), ("b", (36, 44))):
+        label = np.array(Image.open(out / "labels" / f"{stem}.png"))
+        assert label.shape == shape and label.dtype == np.uint16
+        overlay = np.array(Image.open(out / "overlays" / f"{stem}.png"))
+        assert overlay.shape == (*shape, 3)
+    assert main(["predict", str(tmp_path / "missing"), "--out", str(out),
+                 "--output-dir", str(trained.output_dir)]) == 2
+
+
+def test_predict_cli_refuses_two_images_with_one_name(tmp_path, capsys):
+    from neuroseg.predict import cli_predict
+
+    src = tmp_path / "images"
+    src.mkdir()
+    Image.fromarray(asymmetric_image()).save(src / "a.png")
+    Image.fromarray(asymmetric_image()).save(src / "a.tiff")
+    assert cli_predict([str(src), "--out", str(tmp_path / "o"), "--output-dir", str(tmp_path)]) == 2
+    assert "share a name: ['a']" in capsys.readouterr().err

@@ -1,0 +1,166 @@
+"""Tuning on a hand-built OOF cache: the search, the IoU-table scoring, and tuned parameters that
+beat the defaults and that ``fuse`` reproduces exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ensemble_toys import H, W, as_oof, ellipse_mask_fn, image_pred, truth_of
+from neuroseg import config
+from neuroseg.config import CELL_TYPES
+from neuroseg.ensemble import EnsembleParams, fuse, single_model
+from neuroseg.instances import masks_to_label
+from neuroseg.metric import image_score, iou_matrix, iou_sparse
+from neuroseg.tuning import (coordinate_search, predictions_from_oof, score_table, tune_ensemble,
+                             tune_vote_weights)
+
+FALSE_POSITIVES = [[26, 44, 34, 52], [44, 26, 52, 33]]  # background patches only YOLOX reports
+
+
+def test_score_table_equals_the_metric():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        # overlapping truth (as Kaggle labels), disjoint predictions (a label image)
+        truth = [np.flatnonzero(rng.random((16, 16)) < 0.15) for _ in range(rng.integers(0, 5))]
+        blobs = [rng.random((16, 16)) < 0.2 for _ in range(rng.integers(0, 5))]
+        truth += [np.flatnonzero(b) for b in blobs[:2]]  # some exact hits
+        label, scores = masks_to_label(np.array(blobs).reshape(-1, 16, 16), rng.random(len(blobs)))
+        iou = iou_matrix(truth, label)
+        keep = np.stack([scores >= s for s in (0.0, 0.3, 0.7, 1.1)])
+        expected = [image_score(iou[:, k]) for k in keep]
+        np.testing.assert_allclose(score_table(iou, keep), expected)
+        np.testing.assert_allclose(score_table(iou_sparse(truth, label), keep), expected)
+
+
+def test_coordinate_search_finds_the_grid_optimum_and_never_loses():
+    grids = {"a": [0, 1, 2, 3], "b": [0, 1, 2], "c": [5, 6]}
+
+    def f(p):  # separable, optimum at a=2, b=0, c=6
+        return -(p["a"] - 2) ** 2 - p["b"] ** 2 + p["c"]
+
+    best, value, n = coordinate_search(grids, {"a": 0, "b": 2, "c": 5}, f, 100, np.random.default_rng(0))
+    assert best == {"a": 2, "b": 0, "c": 6} and value == 6
+    # a budget of one evaluation returns the start itself
+    start = {"a": 0, "b": 2, "c": 5}
+    assert coordinate_search(grids, start, f, 1, np.random.default_rng(0)) == (start, f(start), 1)
+
+
+def test_vote_weights_follow_the_reliable_model():
+    truth = {f"i{k}": truth_of(t) for k, t in enumerate(CELL_TYPES)}
+    # YOLOX always right; UPerNet confidently wrong on two images, so the default equal vote errs
+    votes = {f"i{k}": {"yolox": np.eye(3)[k] * 0.6, "upernet": np.eye(3)[(k + 1) % 3] if k else np.eye(3)[0]}
+             for k in range(3)}
+    weights, acc = tune_vote_weights(votes, truth, {"yolox": 1.0, "maskrcnn": 1.0, "upernet": 1.0})
+    assert acc == 1.0 and weights["yolox"] > weights["upernet"]
+
+
+@pytest.fixture(scope="module")
+def tuned():
+    """Two images per cell type; YOLOX adds confident false positives that the default score
+    threshold lets through."""
+    preds = {f"{t}{k}": image_pred(f"{t}{k}", t, yolox_extra=FALSE_POSITIVES, yolox_score=1.0)
+             for t in CELL_TYPES for k in range(2)}
+    truth = {i: truth_of(p.image_id[:-1]) for i, p in preds.items()}
+    oof = {m: {i: as_oof(p)[m] for i, p in preds.items()} for m in ("yolox", "maskrcnn", "upernet")}
+    mask_fns = {i: ellipse_mask_fn() for i in preds}
+    cfg = config.from_dict({"ensemble": {"tune_trials": 25, "tune_seed": 0}})
+    params, report = tune_ensemble(oof, truth, cfg, mask_fns)
+    return oof, truth, mask_fns, params, report
+
+
+def test_tuned_parameters_beat_the_defaults(tuned):
+    _, _, _, params, report = tuned
+    s = report["summary"]
+    assert s["ensemble"]["overall"] > s["ensemble_defaults"]["overall"] + 0.1
+    for t in CELL_TYPES:
+        assert s["ensemble"]["per_cell_type"][t] > s["ensemble_defaults"]["per_cell_type"][t]
+    assert report["n_images"] == 6 and set(report["evaluations"]["ensemble"]) == set(CELL_TYPES)
+    assert all(n <= 25 for n in report["evaluations"]["ensemble"].values())
+
+
+def test_fuse_reproduces_the_tuning_scores(tuned):
+    """The tuning's shortcuts (cached crops, pruning, IoU tables) must score what fuse produces."""
+    oof, truth, mask_fns, params, report = tuned
+    defaults = EnsembleParams.defaults()
+    for i, t in truth.items():
+        pred = predictions_from_oof(i, (H, W), {m: oof[m][i] for m in oof})
+        for p, name in ((params, "ensemble"), (defaults, "ensemble_defaults")):
+            out = fuse(pred, p, mask_fns[i])
+            assert image_score(iou_matrix(t.indices, out.label)) == pytest.approx(report["per_image"][name][i])
+        for model in ("maskrcnn", "upernet"):
+            out = single_model(pred, model, params)
+            assert image_score(iou_matrix(t.indices, out.label)) == pytest.approx(report["per_image"][model][i])
+
+
+def test_tune_without_maskrcnn_uses_upernet_masks(tuned):
+    oof, truth, _, _, _ = tuned
+    cfg = config.from_dict({"ensemble": {"tune_trials": 8}})
+    ids = list(truth)[:2]
+    params, report = tune_ensemble({m: {i: oof[m][i] for i in ids} for m in ("yolox", "upernet")},
+                                   {i: truth[i] for i in ids}, cfg, None)
+    assert report["models"] == ["yolox", "upernet"] and "maskrcnn" not in report["per_image"]
+    assert params.vote_weights["maskrcnn"] == 0.0
+    assert all(p.maskrcnn_weight == 0.0 for p in params.ensemble.values())
+    assert report["summary"]["ensemble"]["overall"] >= report["summary"]["ensemble_defaults"]["overall"]
+    with pytest.raises(ValueError, match="no image"):
+        tune_ensemble({"yolox": {"x": oof["yolox"][ids[0]]}}, {i: truth[i] for i in ids}, cfg, None)
+
+
+def test_run_ensemble_writes_params_report_and_skips_when_fresh(tmp_path, tuned):
+    from conftest import write_kaggle_dir
+    from ensemble_toys import ellipse_in
+    from ensemble_toys import CELLS
+    from neuroseg import oof as oof_mod
+    from neuroseg.io_utils import read_json
+    from neuroseg.paths import Paths
+    from neuroseg.predict import load_params
+    from neuroseg.report import run_ensemble
+
+    oof, truth, _, _, _ = tuned
+    ids = sorted(truth)
+    rng = np.random.default_rng(0)
+    write_kaggle_dir(tmp_path / "data", {i: (truth[i].cell_type, rng.integers(0, 255, (H, W), dtype=np.uint8),
+                                             np.array([ellipse_in(b) for b in CELLS])) for i in ids})
+    paths = Paths(tmp_path / "data", tmp_path / "out")
+    cfg = config.from_dict({"folds": {"n_folds": 2}, "ensemble": {"models": ["yolox", "upernet"],
+                                                                  "tune_trials": 4}})
+    with pytest.raises(oof_mod.OOFError, match="yolox fold 0.*02_train_yolox.py"):
+        run_ensemble(cfg, paths)
+    for m in ("yolox", "upernet"):
+        for fold in (0, 1):
+            oof_mod.write_oof(paths, m, fold, [(i, oof[m][i]) for i in ids[fold::2]], "hash", "sha")
+    out = run_ensemble(cfg, paths)
+    stored = read_json(out)
+    assert stored["n_images"] == 6 and stored["models"] == ["yolox", "upernet"]
+    assert set(stored["scores"]) == {"upernet", "ensemble", "ensemble_defaults"}
+    assert load_params(paths) == EnsembleParams.from_json(stored["params"])  # what 06 reads
+    report = paths.ensemble_report.read_text()
+    assert "| ensemble |" in report and paths.ensemble_figure("scores").is_file()
+    assert paths.ensemble_figure("overlay_astro").is_file()
+    assert len(np.genfromtxt(paths.ensemble_oof_scores, delimiter=",", skip_header=1)) == 6
+    # a second run with nothing changed does nothing; a changed setting or --force redoes it
+    mtime = out.stat().st_mtime_ns
+    run_ensemble(cfg, paths)
+    assert out.stat().st_mtime_ns == mtime
+    run_ensemble(cfg, paths, force=True)
+    assert out.stat().st_mtime_ns > mtime
+    mtime = out.stat().st_mtime_ns
+    run_ensemble(config.from_dict({**cfg.to_dict(), "ensemble": {**cfg.to_dict()["ensemble"], "tune_seed": 1}}),
+                 paths)
+    assert out.stat().st_mtime_ns > mtime
+
+
+def test_mask_head_checkpoint_must_be_the_one_that_wrote_the_oof(tmp_path):
+    from neuroseg import oof as oof_mod
+    from neuroseg.paths import Paths
+    from neuroseg.report import OOFMaskFns
+
+    paths = Paths(tmp_path / "data", tmp_path / "out")
+    manifests = {0: {"image_ids": ["a"], "checkpoint_sha256": "0" * 64}}
+    with pytest.raises(FileNotFoundError, match="03_train_maskrcnn.py"):
+        OOFMaskFns(config.from_dict({}), paths, manifests)
+    paths.best_checkpoint("maskrcnn", 0).parent.mkdir(parents=True)
+    paths.best_checkpoint("maskrcnn", 0).write_bytes(b"retrained")
+    with pytest.raises(oof_mod.OOFError, match="not the checkpoint"):
+        OOFMaskFns(config.from_dict({"device": "cpu"}), paths, manifests)
