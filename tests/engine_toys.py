@@ -14,11 +14,11 @@ from PIL import Image
 from torch import nn
 
 from neuroseg import config, rle
+from neuroseg.config import CELL_TYPES
 from neuroseg.models.base import NeurosegModel
 from neuroseg.paths import Paths
 
 H, W = 32, 40  # non-square, so a swapped H/W shows up
-CELL_TYPES = ("shsy5y", "astro", "cort")
 
 
 def make_dataset(root: Path, n_images: int = 6, n_folds: int = 2) -> Paths:

@@ -7,6 +7,7 @@ one code path. Only rank 0 writes files (``is_main``).
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from dataclasses import dataclass
@@ -63,7 +64,9 @@ def init(device: torch.device, info: DistInfo) -> None:
     if not info.enabled or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size)
+    # generous timeout: rank 0 alone writes the OOF cache while the others wait at a barrier
+    dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
+                            timeout=datetime.timedelta(minutes=60))
     log.info("process group: %s, rank %d of %d", backend, info.rank, info.world_size)
 
 

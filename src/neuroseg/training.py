@@ -201,8 +201,9 @@ def train_fold(cfg: Config, paths: Paths, model_name: str, fold: int, force: boo
         if info.is_main:
             sha = checkpoint.sha256_file(best_path)
             atomic_write_json(done, {**summary, "checkpoint_sha256": sha})
-            log.info("%s: best %s %.4f at epoch %d -> %s", desc, result["val_metric"],
-                     result["best_metric"], result["best_epoch"], best_path)
+            log.info("%s: best %s %.4f at epoch %d -> %s; history %s (+ .png), %s", desc,
+                     result["val_metric"], result["best_metric"], result["best_epoch"], best_path,
+                     paths.history_csv(model_name, fold), done)
     # OOF only on rank 0: a fold's val images are few next to training; the others wait
     if info.is_main:
         summary["oof_dir"] = str(write_fold_oof(cfg, paths, model_name, fold, val_recs, h, device,
