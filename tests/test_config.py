@@ -80,3 +80,18 @@ def test_paths_resolve_from_env(monkeypatch, tmp_path):
     assert Paths.resolve("x", "y").oof_dir("maskrcnn", 2).as_posix() == "y/oof/maskrcnn/fold2"
     with pytest.raises(ValueError, match="unknown model 'detr'; valid"):
         paths.model_dir("detr")
+
+
+def test_atomic_write_leaves_no_temp_and_normal_permissions(tmp_path):
+    import os
+
+    from neuroseg.io_utils import atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        out = atomic_write_text(tmp_path / "a" / "f.txt", "x")
+    finally:
+        os.umask(umask)
+    assert out.read_text() == "x"
+    assert oct(out.stat().st_mode & 0o777) == oct(0o644)
+    assert [p.name for p in out.parent.iterdir()] == ["f.txt"]
