@@ -200,3 +200,28 @@ def test_no_detections_give_an_empty_label_and_missing_masks_an_error():
     no_masks = dataclasses.replace(image_pred("b", "cort"), upernet_probs=None)
     with pytest.raises(ValueError, match="mask_fn"):
         fuse(no_masks, EnsembleParams.defaults(), None)
+
+
+def test_mask_head_only_runs_on_boxes_that_can_pass_the_score_threshold():
+    pred = image_pred("a", "cort", yolox_extra=[[26, 44, 34, 52]], yolox_score=0.5)  # extra: 0.25 after fusion
+    full, fn = ellipse_mask_fn(), ellipse_mask_fn()
+    everything = fuse(pred, params_with(score_threshold=0.0), full)
+    strict = fuse(pred, params_with(score_threshold=0.3), fn)
+    assert len(full.calls[0][0]) == 5 and len(fn.calls[0][0]) == 4
+    # ... and the result is what thresholding the unpruned fusion gives
+    keep = everything.scores >= 0.3
+    assert np.array_equal(strict.scores, everything.scores[keep])
+    assert np.array_equal(strict.label > 0, np.isin(everything.label, np.flatnonzero(keep) + 1))
+
+
+def test_degenerate_boxes_give_empty_crops():
+    from neuroseg.ensemble import build_candidates
+
+    # on the bottom edge, zero high: neither the box nor the mask head's paste window holds a pixel
+    # (this crashed on UPerNet's crop before); and a sliver with no pixel centre inside
+    boxes = np.array([[36.0, 64.0, 37.7, 64.0], [10, 10.2, 30, 10.4], CELLS[0]], np.float32)
+    fg = image_pred("b", "shsy5y").upernet_probs[0]
+    c = build_candidates(boxes, np.ones(3), np.ones((3, 28, 28)), 1 - fg, (H, W))
+    counts = np.diff(c.starts)
+    assert counts[0] == 0 and counts[1] > 0 and counts[2] > 0
+    assert (c.fg_prob[c.starts[1]:c.starts[2]] == 0).all()  # the sliver gets no UPerNet pixels

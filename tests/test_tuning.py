@@ -66,6 +66,8 @@ def tuned():
     mask_fns = {i: ellipse_mask_fn() for i in preds}
     cfg = config.from_dict({"ensemble": {"tune_trials": 25, "tune_seed": 0}})
     params, report = tune_ensemble(oof, truth, cfg, mask_fns)
+    for fn in mask_fns.values():  # what the tuning asked, before other tests call fuse with them
+        fn.tuning_calls = list(fn.calls)
     return oof, truth, mask_fns, params, report
 
 
@@ -164,3 +166,12 @@ def test_mask_head_checkpoint_must_be_the_one_that_wrote_the_oof(tmp_path):
     paths.best_checkpoint("maskrcnn", 0).write_bytes(b"retrained")
     with pytest.raises(oof_mod.OOFError, match="not the checkpoint"):
         OOFMaskFns(config.from_dict({"device": "cpu"}), paths, manifests)
+
+
+def test_tuning_asks_the_mask_head_only_for_new_boxes(tuned):
+    _, _, mask_fns, _, report = tuned
+    for fn in mask_fns.values():
+        asked = [{b.tobytes() for b in boxes.astype(np.float32)} for boxes, _ in fn.tuning_calls]
+        assert asked and all(not (a & b) for a, b in zip(asked, asked[1:]))
+    # so fewer calls than evaluations: WBF IoU and skip settings leave these separated boxes as they are
+    assert max(len(fn.tuning_calls) for fn in mask_fns.values()) < report["evaluations"]["ensemble"]["cort"]

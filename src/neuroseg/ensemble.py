@@ -221,7 +221,7 @@ def build_candidates(boxes: np.ndarray, scores: np.ndarray, mask_probs: np.ndarr
         if paste is not None and paste[2].size:
             m[py - y0:py - y0 + crop.shape[0], px - x0:px - x0 + crop.shape[1]] = crop
         u = np.zeros_like(m)
-        if fg is not None:  # UPerNet counts inside the box only
+        if fg is not None and windows and windows[0] == (wy0, wx0, wy1, wx1):  # UPerNet: inside the box only
             u[wy0 - y0:wy1 - y0, wx0 - x0:wx1 - x0] = fg[wy0:wy1, wx0:wx1]
         keep = np.maximum(m, u) > prune_below
         ys, xs = np.nonzero(keep)
@@ -281,10 +281,15 @@ def upernet_fg(pred: ImagePredictions) -> np.ndarray | None:
 
 
 def ensemble_candidates(pred: ImagePredictions, tp: TypeParams, cell_type: str, mask_fn: MaskFn | None,
-                        prune_below: float = -1.0, keep_fg: bool = False) -> Candidates:
+                        prune_below: float = -1.0, keep_fg: bool = False, min_box_score: float = 0.0
+                        ) -> Candidates:
     """Steps 2-3 up to the probabilities (what tuning caches per box-fusion setting; it sets
-    ``keep_fg`` to keep UPerNet's crops whatever ``tp.upernet_weight`` is)."""
+    ``keep_fg`` to keep UPerNet's crops whatever ``tp.upernet_weight`` is). Fused boxes scored
+    below ``min_box_score`` are dropped before the mask head runs: the rescored score (box score x
+    a mean probability <= 1) could never reach a score threshold above it."""
     boxes, scores = fuse_boxes(pred, tp)
+    keep = scores >= min_box_score
+    boxes, scores = boxes[keep], scores[keep]
     mask_probs = None
     if mask_fn is not None:
         labels = np.full(len(boxes), CELL_TYPES.index(cell_type) + 1, dtype=np.int64)
@@ -305,7 +310,7 @@ def fuse(pred: ImagePredictions, params: EnsembleParams, mask_fn: MaskFn | None 
         if pred.upernet_probs is None:
             raise ValueError(f"image {pred.image_id}: no detector boxes and no UPerNet probabilities")
         return single_model(pred, "upernet", params)
-    c = ensemble_candidates(pred, tp, cell_type, mask_fn)
+    c = ensemble_candidates(pred, tp, cell_type, mask_fn, min_box_score=tp.score_threshold)
     label, scores = resolve(c, tp.upernet_weight, tp.mask_threshold, tp.min_area, tp.score_threshold, pred.shape)
     return FusedResult(label, scores, cell_type)
 

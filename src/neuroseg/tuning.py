@@ -10,7 +10,8 @@ How it stays cheap (TheoViel's trick of scoring from precomputed IoUs, taken one
   image changes no other instance: one IoU matrix per image scores the whole free grid.
 * The ensemble's fused boxes and mask-head outputs depend only on the box-fusion setting
   (model weights, WBF IoU and skip threshold): they are cached per setting (:class:`_LRU`) and the
-  mask blending/thresholding/painting reruns on the cached crops.
+  mask blending/thresholding/painting reruns on the cached crops. A new setting asks the mask
+  head only for boxes the image's previous settings did not have (``_EnsembleTuner._reusing``).
 * Ground truth pixel indices are decoded once per image.
 
 Predictions are disjoint (a label image), so with IoU > 0.5 a truth instance matches at most one
@@ -206,6 +207,7 @@ class _EnsembleTuner(_Tuner):
         self.get_pred, self.mask_fns, self.cell_type = get_pred, mask_fns, cell_type
         self.prune = prune  # the lowest mask threshold searched (see ensemble.build_candidates)
         self.cands = _LRU(CANDIDATE_CACHE, self._candidates)
+        self._masks: dict[str, list[dict[bytes, np.ndarray]]] = {}
 
     @staticmethod
     def params(p: dict[str, Any], score_threshold: float) -> TypeParams:
@@ -220,8 +222,32 @@ class _EnsembleTuner(_Tuner):
         out = {}
         for i in tqdm(self.ids, desc=f"ensemble {self.cell_type} boxes {box_key}", leave=False, disable=None):
             fn = self.mask_fns.get(i) if self.mask_fns is not None else None
+            fn = self._reusing(i, fn) if fn is not None else None
             out[i] = ens.ensemble_candidates(self.get_pred(i), tp, self.cell_type, fn, self.prune, keep_fg=True)
         return out
+
+    def _reusing(self, image_id: str, mask_fn: MaskFn) -> MaskFn:
+        """``mask_fn`` asked only for boxes it was not asked for in the image's last two calls.
+
+        The mask head dominates the cost of a box-fusion setting (seconds per image on a CPU), and
+        neighbouring settings share most fused boxes (a higher skip threshold only drops some).
+        Keys are the exact float32 coordinates, so a reused mask is the one the box would get
+        (the head treats every box on its own); two calls' worth bounds the memory."""
+        recent = self._masks.setdefault(image_id, [])
+
+        def masks(boxes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+            boxes = np.ascontiguousarray(boxes, dtype=np.float32).reshape(-1, 4)
+            keys = [b.tobytes() for b in boxes]
+            known = {k: m for d in recent for k, m in d.items()}
+            todo = [j for j, k in enumerate(keys) if k not in known]
+            if todo:
+                new = np.asarray(mask_fn(boxes[todo], np.asarray(labels)[todo]), np.float32)
+                known.update(zip((keys[j] for j in todo), new.reshape(-1, ens.MASK_SIZE, ens.MASK_SIZE)))
+            recent[:] = [*recent[-1:], {k: known[k] for k in keys}]
+            return (np.stack([known[k] for k in keys]) if keys
+                    else np.zeros((0, ens.MASK_SIZE, ens.MASK_SIZE), np.float32))
+
+        return masks
 
     def image_row(self, image_id: str, p: dict[str, Any]) -> np.ndarray:
         c = self.cands.get_or_make(tuple(p[k] for k in self.BOX_KEYS))[image_id]
