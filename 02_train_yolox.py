@@ -7,16 +7,11 @@ from __future__ import annotations
 
 import sys
 
-from neuroseg.runner import parse_args, parse_folds
+from neuroseg.runner import train_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, paths, args = parse_args(__doc__, argv, extra=lambda p: p.add_argument(
-        "--folds", default=None, help="comma-separated folds to train, e.g. 0,2 (default: the config's)"))
-    from neuroseg.training import train_model  # after parsing: --help does not pay for torch
-
-    train_model(cfg, paths, "yolox", folds=parse_folds(args.folds), force=args.force)
-    return 0
+    return train_main("yolox", __doc__, argv)
 
 
 if __name__ == "__main__":

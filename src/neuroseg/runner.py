@@ -59,3 +59,13 @@ def setup_logging(level: int = logging.INFO) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
+
+
+def train_main(model: str, description: str, argv: list[str] | None = None) -> int:
+    """The whole of 02/03/04: parse the common line plus ``--folds``, train ``model``'s folds."""
+    cfg, paths, args = parse_args(description, argv, extra=lambda p: p.add_argument(
+        "--folds", default=None, help="comma-separated folds to train, e.g. 0,2 (default: the config's)"))
+    from neuroseg.training import train_model  # after parsing: --help does not pay for torch
+
+    train_model(cfg, paths, model, folds=parse_folds(args.folds), force=args.force)
+    return 0
