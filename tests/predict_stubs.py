@@ -23,11 +23,12 @@ def bright_box(image: torch.Tensor) -> torch.Tensor:
 
 
 def crop_masks(image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """The image's channel 0 inside each box, sampled at ``M x M`` (content-dependent, asymmetric)."""
+    """The image's channel 0 inside each box, sampled at ``M x M`` (content-dependent, asymmetric)
+    the way Mask R-CNN's training targets are (torchvision: ``roi_align(aligned=False)``)."""
     if len(boxes) == 0:
         return image.new_zeros((0, M, M))
     rois = torch.cat([boxes.new_zeros((len(boxes), 1)), boxes.float()], 1)
-    return roi_align(image[None, :1].float(), rois, (M, M), aligned=True)[:, 0]
+    return roi_align(image[None, :1].float(), rois, (M, M), aligned=False)[:, 0]
 
 
 class StubDetector(NeurosegModel):

@@ -11,10 +11,10 @@ import torch
 
 from ensemble_toys import CELLS, H, W, boxset, ellipse_in, ellipse_mask_fn, image_pred, type_probs
 from neuroseg.config import CELL_TYPES
-from neuroseg.ensemble import (EnsembleParams, ImagePredictions, TypeParams, fuse, paste_local,
+from neuroseg.ensemble import (EnsembleParams, ImagePredictions, TypeParams, fuse,
                                single_model, type_votes, vote_cell_type)
 from neuroseg.metric import image_score, iou_matrix
-from neuroseg.models.maskrcnn import paste_masks
+from neuroseg.box_masks import paste_masks
 
 
 def params_with(**type_fields) -> EnsembleParams:
@@ -25,21 +25,6 @@ def params_with(**type_fields) -> EnsembleParams:
 
 def instances(label: np.ndarray) -> list[np.ndarray]:
     return [np.flatnonzero(label == k) for k in range(1, int(label.max()) + 1)]
-
-
-def test_paste_local_equals_full_image_paste():
-    rng = np.random.default_rng(0)
-    # boxes across the border and sub-pixel ones
-    boxes = np.array([[-3.2, 5.5, 20.1, 30.7], [40, 40, 63.9, 63.9], [10.5, 10.5, 11.2, 11.9],
-                      [50, 1, 70, 9]], np.float32)
-    probs = rng.random((len(boxes), 28, 28)).astype(np.float32)
-    full = paste_masks(torch.from_numpy(probs), torch.from_numpy(boxes), (H, W)).numpy()
-    for f, (y0, x0, crop) in zip(full, paste_local(probs, boxes, (H, W))):
-        g = np.zeros((H, W), np.float32)
-        g[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]] = crop
-        assert np.array_equal(f, g)
-    # a box outside the image (torchvision's paste fails on it) pastes nothing
-    assert paste_local(probs[:1], np.array([[70, 70, 80, 80]], np.float32), (H, W))[0][2].size == 0
 
 
 def test_identical_predictions_fuse_to_the_same_instances():
@@ -218,8 +203,9 @@ def test_degenerate_boxes_give_empty_crops():
     from neuroseg.ensemble import build_candidates
 
     # on the bottom edge, zero high: neither the box nor the mask head's paste window holds a pixel
-    # (this crashed on UPerNet's crop before); and a sliver with no pixel centre inside
-    boxes = np.array([[36.0, 64.0, 37.7, 64.0], [10, 10.2, 30, 10.4], CELLS[0]], np.float32)
+    # (this crashed on UPerNet's crop before); and a sliver with no pixel centre inside, whose
+    # mask-head window still holds row 10 (the mask grid puts pixel i at coordinate i)
+    boxes = np.array([[36.0, 64.0, 37.7, 64.0], [10, 10.0, 30, 10.4], CELLS[0]], np.float32)
     fg = image_pred("b", "shsy5y").upernet_probs[0]
     c = build_candidates(boxes, np.ones(3), np.ones((3, 28, 28)), 1 - fg, (H, W))
     counts = np.diff(c.starts)

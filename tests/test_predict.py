@@ -19,6 +19,11 @@ from predict_stubs import StubDetector, StubSegmenter, asymmetric_image, bright_
 
 # asymmetric_image's bright rectangle in original pixels, xyxy edges
 RECT = np.array([[20, 4, 36, 12]], dtype=np.float32)
+# Mask grid cells that sample inside the rectangle in every view. The mask grid spans coordinates
+# x0..x1 with pixel i at i (Mask R-CNN's geometry, box_masks), so its far edge samples one pixel
+# past the rectangle, which a mirrored view sees at its near edge instead: after the un-flip's
+# one-pixel shift the views agree everywhere but on that pixel (8 x 4 input px: 3.5 x 7 cells).
+INNER = (slice(None), slice(0, 21), slice(0, 24))
 
 
 # ---- tta.py ----
@@ -68,7 +73,7 @@ def test_mask_probs_and_upernet_probs_are_unflipped():
     assert not np.allclose(ref, ref[..., ::-1], atol=1e-3)  # asymmetric: a missed un-flip would show
     assert not np.allclose(ref, ref[:, ::-1], atol=1e-3)
     for m in flips.maskrcnn_mask_probs:
-        np.testing.assert_allclose(m, ref, atol=2e-3)  # fp16 in the OOF format
+        np.testing.assert_allclose(m[INNER], ref[INNER], atol=2e-3)  # fp16 in the OOF format
     assert plain.upernet_probs.shape == (3, 40, 60) and plain.upernet_probs.dtype == np.float32
     np.testing.assert_allclose(flips.upernet_probs, plain.upernet_probs, atol=2e-3)
     np.testing.assert_allclose(flips.upernet_cell_type_probs, [0.2, 0.5, 0.3], atol=1e-6)
@@ -82,7 +87,7 @@ def test_mask_fn_averages_unflipped_views():
     got = ens_flips.mask_fn(image)(RECT, np.array([2]))
     want = ens_plain.mask_fn(image)(RECT, np.array([2]))
     assert got.shape == (1, 28, 28)
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(got[INNER], want[INNER], atol=1e-4)
     assert not np.allclose(want, want[..., ::-1], atol=1e-3)
     assert ens_flips.mask_fn(image)(np.zeros((0, 4)), np.zeros(0)).shape == (0, 28, 28)
 

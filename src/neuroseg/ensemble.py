@@ -28,9 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-
+from neuroseg.box_masks import paste_local
 from neuroseg.config import CELL_TYPES
 from neuroseg.ensemble_params import (VOTE_MODELS, EnsembleParams, MaskRCNNParams, TypeParams,  # noqa: F401
                                       UPerNetParams)
@@ -161,30 +159,6 @@ class Candidates:
 
     def __len__(self) -> int:
         return len(self.scores)
-
-
-def paste_local(mask_probs: np.ndarray, boxes: np.ndarray, shape: tuple[int, int]
-                ) -> list[tuple[int, int, np.ndarray]]:
-    """``(N,28,28)`` box-resolution probabilities -> per box ``(y0, x0, crop float32)``: exactly
-    the non-zero window that ``maskrcnn.paste_masks`` (torchvision's paste) would write into a full
-    image, computed without allocating the full image."""
-    from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
-
-    h, w = int(shape[0]), int(shape[1])
-    if len(boxes) == 0:
-        return []
-    masks, scale = expand_masks(torch.as_tensor(np.asarray(mask_probs, np.float32))[:, None], padding=1)
-    ex = expand_boxes(torch.as_tensor(np.asarray(boxes, np.float32)), scale).to(torch.int64).tolist()
-    out = []
-    for m, (bx0, by0, bx1, by1) in zip(masks, ex):
-        bw, bh = max(bx1 - bx0 + 1, 1), max(by1 - by0 + 1, 1)
-        x0, x1, y0, y1 = max(bx0, 0), min(bx1 + 1, w), max(by0, 0), min(by1 + 1, h)
-        if x1 <= x0 or y1 <= y0:
-            out.append((0, 0, np.zeros((0, 0), np.float32)))
-            continue
-        r = F.interpolate(m[None], size=(bh, bw), mode="bilinear", align_corners=False)[0, 0]
-        out.append((y0, x0, r[y0 - by0:y1 - by0, x0 - bx0:x1 - bx0].numpy()))
-    return out
 
 
 def box_windows(boxes: np.ndarray, shape: tuple[int, int]) -> list[tuple[int, int, int, int]]:

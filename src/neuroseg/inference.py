@@ -26,6 +26,7 @@ from torch import nn
 
 from neuroseg import checkpoint, oof, tta
 from neuroseg import config as config_mod
+from neuroseg.box_masks import rescale_shift, shift_box_masks
 from neuroseg.config import Config
 from neuroseg.dataset import image_to_tensor, resize_image
 from neuroseg.ensemble import BoxSet, ImagePredictions, MaskFn
@@ -147,7 +148,7 @@ class FoldEnsemble:
                         raw = {"boxes": tta.flip_boxes(o["boxes"].float(), view, *hw),
                                "scores": o["scores"], "labels": o["labels"]}
                         if name == "maskrcnn":
-                            raw["mask_probs"] = tta.flip_box_masks(o["mask_probs"], view)
+                            raw["mask_probs"] = tta.flip_box_masks(o["mask_probs"], o["boxes"], view)
                         p = oof.to_original(name, raw, hw, (H, W))
                         boxset = BoxSet(p["boxes"], p["scores"], p["labels"])
                         getattr(preds[i], name).append(boxset)
@@ -200,8 +201,11 @@ class FoldEnsemble:
                 with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                     outs = model.masks_for_boxes(x[0], view_boxes, [lab] * len(self.views))
                 for v, m in zip(self.views, outs):
-                    total += tta.flip_box_masks(m.float(), v)
-            return (total / (len(folds) * len(self.views))).cpu().numpy()
+                    total += tta.flip_box_masks(m.float(), b, v)
+            total /= len(folds) * len(self.views)
+            # the masks were predicted at the input scale: re-express them on the original boxes
+            shift = rescale_shift(W / w, H / h)
+            return shift_box_masks(total, torch.as_tensor(boxes, device=self.device), *shift).cpu().numpy()
 
         return masks
 

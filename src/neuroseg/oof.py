@@ -68,10 +68,10 @@ def fold_config_hash(cfg: Config, paths: Paths, model: str) -> str:
 def to_original(model: str, pred: dict[str, Any], input_hw: tuple[int, int],
                 original_hw: tuple[int, int]) -> dict[str, np.ndarray]:
     """Undo the training scale: boxes x (W/w, H/h), i.e. ``/ train_scale`` per axis; UPerNet
-    probabilities resized (bilinear) to the original (H, W). Mask R-CNN ``mask_probs`` are relative
-    to their box and need no change."""
+    probabilities resized (bilinear) to the original (H, W). Mask R-CNN ``mask_probs`` stay at box
+    resolution, shifted by the sub-pixel offset the rescaling puts between the mask grid and the
+    original pixels (``box_masks.rescale_shift``)."""
     import torch
-    import torch.nn.functional as F
 
     (h, w), (H, W) = input_hw, original_hw
     out: dict[str, np.ndarray] = {}
@@ -82,16 +82,42 @@ def to_original(model: str, pred: dict[str, Any], input_hw: tuple[int, int],
         out["scores"] = torch.as_tensor(pred["scores"]).detach().float().cpu().numpy()
         out["labels"] = torch.as_tensor(pred["labels"]).detach().cpu().numpy()
         if model == "maskrcnn":
-            out["mask_probs"] = torch.as_tensor(pred["mask_probs"]).detach().float().cpu().numpy()
+            from neuroseg.box_masks import rescale_shift, shift_box_masks
+
+            masks = torch.as_tensor(pred["mask_probs"]).detach().float().cpu()
+            out["mask_probs"] = shift_box_masks(masks, torch.from_numpy(out["boxes"]),
+                                                *rescale_shift(W / w, H / h)).numpy()
     elif model == "upernet":
         probs = torch.as_tensor(pred["probs"]).detach().float().cpu()
         if tuple(probs.shape[-2:]) != (H, W):
-            probs = F.interpolate(probs[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+            probs = resize_probs(probs, (H, W))
         out["probs"] = probs.numpy()
         out["cell_type_probs"] = torch.as_tensor(pred["cell_type_probs"]).detach().float().cpu().numpy()
     else:
         raise ValueError(f"unknown model {model!r}; valid: {list(SPEC)}")
     return validate_prediction(model, out, original_hw)
+
+
+def resize_probs(probs, original_hw: tuple[int, int]):
+    """``(C, h, w)`` probability maps of an input resized from ``original_hw`` -> ``(C, H, W)``,
+    bilinear, sampling original pixel ``i`` where the training labels put it
+    (``box_masks.label_offset``) rather than at the image's pixel centres as
+    ``F.interpolate(align_corners=False)`` would (a quarter input pixel apart at half scale)."""
+    import torch
+    import torch.nn.functional as F
+
+    from neuroseg.box_masks import label_offset
+
+    (h, w), (H, W) = probs.shape[-2:], original_hw
+
+    def axis(n_out: int, n_in: int) -> torch.Tensor:
+        s = n_out / n_in
+        at = (torch.arange(n_out, dtype=torch.float32) + label_offset(s)) / s  # input pixel coordinate
+        return 2 * (at + 0.5) / n_in - 1  # grid_sample, align_corners=False
+
+    grid = torch.stack(torch.meshgrid(axis(W, w), axis(H, h), indexing="xy"), dim=-1)[None]
+    return F.grid_sample(probs[None].float(), grid.to(probs.device), mode="bilinear",
+                         padding_mode="border", align_corners=False)[0]
 
 
 def validate_prediction(model: str, pred: dict[str, np.ndarray], original_hw: tuple[int, int] | None = None,

@@ -1,7 +1,7 @@
 """``python -m neuroseg score-oof MODEL``: one model's cached out-of-fold predictions, scored alone
 against the cleaned train labels, overall and per cell type.
 
-Mask R-CNN: masks pasted into the image (``maskrcnn.paste_masks``), thresholded at 0.5, overlaps
+Mask R-CNN: masks pasted into the image (``box_masks.paste_masks``), thresholded at 0.5, overlaps
 given to the higher score (``instances.masks_to_label``), competition metric. UPerNet:
 ``upernet.probs_to_instances``, competition metric. YOLOX has no masks: box AP50 and recall at
 IoU 0.5 (``yolox.box_ap50``, the metric its training validates with). The score of a set of
@@ -46,7 +46,7 @@ def truth_boxes(rec: ImageRecord) -> torch.Tensor:
 
 def maskrcnn_label(pred: dict[str, np.ndarray], shape: tuple[int, int]) -> np.ndarray:
     from neuroseg.instances import masks_to_label
-    from neuroseg.models.maskrcnn import paste_masks
+    from neuroseg.box_masks import paste_masks
 
     probs = torch.from_numpy(pred["mask_probs"].astype(np.float32))
     boxes = torch.from_numpy(pred["boxes"])

@@ -47,6 +47,16 @@ def flip_boxes(boxes: torch.Tensor, view: str, height: int, width: int) -> torch
     return out
 
 
-def flip_box_masks(masks: torch.Tensor, view: str) -> torch.Tensor:
-    """Box-resolution masks ``(N, M, M)``: a mask drawn inside a mirrored box is itself mirrored."""
-    return flip_image(masks, view)
+def flip_box_masks(masks: torch.Tensor, boxes: torch.Tensor, view: str) -> torch.Tensor:
+    """Box-resolution masks ``(N, M, M)`` of a view -> masks of the flipped-back ``boxes``.
+
+    Mirrored like the image, then shifted by one pixel along each flipped axis: Mask R-CNN's mask
+    grid puts pixel ``i`` at coordinate ``i`` (``box_masks``), which mirrors to ``W - 1 - i``
+    while box edges mirror to ``W - x`` (``box_masks.unflip_shift``). ``boxes`` may be either the
+    view's or the flipped-back ones: only their sizes matter."""
+    from neuroseg.box_masks import shift_box_masks, unflip_shift
+
+    dims = _dims(view)
+    if not dims:
+        return masks
+    return shift_box_masks(torch.flip(masks, dims), boxes, *unflip_shift(-1 in dims, -2 in dims))
