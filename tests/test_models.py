@@ -11,7 +11,7 @@ from torchvision.ops import roi_align
 
 from neuroseg import config
 from neuroseg.models import MODELS, build
-from neuroseg.models.maskrcnn import paste_masks
+from neuroseg.box_masks import paste_masks
 from neuroseg.models.upernet import probs_to_instances
 from neuroseg.models.weights import WeightsError, load_weights
 from neuroseg.models.yolox import YoloxModel, box_ap50
@@ -145,6 +145,27 @@ def test_maskrcnn_v2_heads_build_and_train(tiny_batch):
     losses = model(*tiny_batch)
     assert {"loss_mask", "loss_classifier", "loss_objectness"} <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_maskrcnn_narrow_fpn_and_mask_head_build_train_and_predict(tiny_batch, v2):
+    """The CPU shape (configs/cpu.yaml): FPN width and mask head convs/channels from the config."""
+    model = tiny_model("maskrcnn", f"maskrcnn.v2_head={str(v2).lower()}", "maskrcnn.fpn_channels=32",
+                       "maskrcnn.mask_head_channels=16", "maskrcnn.mask_head_convs=2")
+    assert model.net.backbone.out_channels == 32
+    convs = [m for m in model.net.roi_heads.mask_head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(32, 16), (16, 16)]
+    assert model.net.roi_heads.mask_predictor.conv5_mask.in_channels == 16
+    assert model.net.rpn.head.cls_logits.in_channels == 32
+    losses = model.train()(*tiny_batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    with torch.no_grad():
+        preds = model.eval()(tiny_batch[0])
+    assert all(p["mask_probs"].shape[1:] == (28, 28) for p in preds)
+    with pytest.raises(ValueError, match="mask_head_convs"):
+        tiny_model("maskrcnn", "maskrcnn.mask_head_convs=0")
+    with pytest.raises(ValueError, match="fpn_channels"):
+        tiny_model("maskrcnn", "maskrcnn.fpn_channels=0")
 
 
 def test_maskrcnn_keeps_input_coordinates_when_it_resizes(tiny_batch):
@@ -341,3 +362,8 @@ def test_upernet_encoder_weights_from_a_plain_timm_checkpoint(tmp_path):
     assert torch.equal(enc["model.stem_0.weight"], source.state_dict()["stem.0.weight"])
     assert torch.equal(enc["model.stages_3.blocks.1.mlp.fc2.weight"],
                        source.state_dict()["stages.3.blocks.1.mlp.fc2.weight"])
+
+
+def test_yolox_batchnorm_momentum_comes_from_the_config():
+    bns = [m for m in tiny_model("yolox", "yolox.bn_momentum=0.2").modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(bn.momentum == 0.2 and bn.eps == 1e-3 for bn in bns)

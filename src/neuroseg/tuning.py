@@ -50,8 +50,8 @@ ENSEMBLE_GRID: dict[str, list] = {
 }
 MASKRCNN_GRID: dict[str, list] = {"mask_threshold": ENSEMBLE_GRID["mask_threshold"],
                                   "min_area": ENSEMBLE_GRID["min_area"]}
-UPERNET_GRID: dict[str, list] = {"interior_threshold": [0.3, 0.4, 0.5, 0.6, 0.7],
-                                 "seed_threshold": [0.5, 0.6, 0.7, 0.8, 0.9]}
+UPERNET_GRID: dict[str, list] = {"interior_threshold": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+                                 "seed_threshold": [0.1, 0.2, 0.3, 0.5, 0.7, 0.9]}
 # Free coordinates, searched exhaustively per evaluation.
 SCORE_GRID: list[float] = [round(float(s), 2) for s in np.arange(0.0, 0.91, 0.05)]
 UPERNET_MIN_AREA_GRID: list[int] = [0, 8, 20, 40, 80]

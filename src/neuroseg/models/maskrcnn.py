@@ -7,7 +7,8 @@ range (torchvision otherwise upscales everything to 800 px) come from the config
 
 Eval runs transform -> backbone -> RPN -> ROI heads itself and stops before torchvision's
 ``postprocess``, which would paste every mask into a full-size image: the contract (and the OOF
-cache) keep ``mask_probs (N, 28, 28)`` at box resolution; :func:`paste_masks` pastes on demand.
+cache) keep ``mask_probs (N, 28, 28)`` at box resolution; ``box_masks.paste_masks`` pastes on
+demand (exactly inverting the training targets' sampling, which torchvision's paste does not).
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from torch import nn
 from torchvision.models import resnet
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
-from torchvision.models.detection.roi_heads import maskrcnn_inference, paste_masks_in_image
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.models.detection.transform import resize_boxes
 
+from neuroseg.box_masks import paste_masks
 from neuroseg.config import CELL_TYPES, Config, MaskRCNNConfig
 from neuroseg.dataset import GRAY_MEAN, GRAY_STD
 from neuroseg.models.base import NeurosegModel
@@ -38,17 +41,6 @@ MASK_THRESHOLD = 0.5
 HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
 
 
-def paste_masks(mask_probs: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-    """``(N, M, M)`` box-resolution probabilities -> ``(N, H, W)`` float in image coordinates."""
-    if mask_probs.dim() != 3 or len(mask_probs) != len(boxes):
-        raise ValueError(f"expected mask_probs (N,M,M) and boxes (N,4), got {tuple(mask_probs.shape)} "
-                         f"and {tuple(boxes.shape)}")
-    h, w = int(image_size[0]), int(image_size[1])
-    if len(boxes) == 0:
-        return mask_probs.new_zeros((0, h, w), dtype=torch.float32)
-    return paste_masks_in_image(mask_probs[:, None].float(), boxes.float(), (h, w))[:, 0]
-
-
 def _network(cfg: MaskRCNNConfig) -> MaskRCNN:
     if cfg.backbone not in BACKBONES:
         raise ValueError(f"unknown maskrcnn backbone {cfg.backbone!r}; valid: {list(BACKBONES)}")
@@ -58,14 +50,26 @@ def _network(cfg: MaskRCNNConfig) -> MaskRCNN:
     # trainable BatchNorm (not torchvision's FrozenBatchNorm default): from random weights a frozen
     # BN is an identity that never learns statistics
     body = getattr(resnet, cfg.backbone)(weights=None, norm_layer=nn.BatchNorm2d)
-    backbone = _resnet_fpn_extractor(body, cfg.trainable_backbone_layers,
-                                     norm_layer=nn.BatchNorm2d if cfg.v2_head else None)
+    fpn_norm = nn.BatchNorm2d if cfg.v2_head else None
+    backbone = _resnet_fpn_extractor(body, cfg.trainable_backbone_layers, norm_layer=fpn_norm)
+    if cfg.fpn_channels != backbone.out_channels:  # torchvision's extractor fixes 256 (it also froze layers)
+        if cfg.fpn_channels < 1:
+            raise ValueError(f"maskrcnn fpn_channels must be >= 1, got {cfg.fpn_channels}")
+        backbone = BackboneWithFPN(body, {f"layer{k}": str(k - 1) for k in (1, 2, 3, 4)},
+                                   [body.inplanes // 8 * 2 ** k for k in range(4)], cfg.fpn_channels,
+                                   extra_blocks=LastLevelMaxPool(), norm_layer=fpn_norm)
     anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), (ASPECT_RATIOS,) * N_FPN_LEVELS)
     c = backbone.out_channels
     heads: dict[str, nn.Module] = {"rpn_head": RPNHead(c, len(ASPECT_RATIOS), conv_depth=2 if cfg.v2_head else 1)}
+    if cfg.mask_head_convs < 1 or cfg.mask_head_channels < 1:
+        raise ValueError(f"maskrcnn mask_head_convs and mask_head_channels must be >= 1, got "
+                         f"{cfg.mask_head_convs} and {cfg.mask_head_channels}")
+    mask_layers = [cfg.mask_head_channels] * cfg.mask_head_convs
     if cfg.v2_head:
         heads["box_head"] = FastRCNNConvFCHead((c, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d)
-        heads["mask_head"] = MaskRCNNHeads(c, [256] * 4, 1, norm_layer=nn.BatchNorm2d)
+        heads["mask_head"] = MaskRCNNHeads(c, mask_layers, 1, norm_layer=nn.BatchNorm2d)
+    elif mask_layers != [256] * 4:
+        heads["mask_head"] = MaskRCNNHeads(c, mask_layers, 1)
     net = MaskRCNN(
         backbone,
         num_classes=len(CELL_TYPES) + 1,
@@ -85,6 +89,8 @@ def _network(cfg: MaskRCNNConfig) -> MaskRCNN:
         box_detections_per_img=cfg.detections_per_image,
         **heads,
     )
+    if mask_layers[-1] != 256:  # torchvision sizes the predictor for 256 channels whatever the head
+        net.roi_heads.mask_predictor = MaskRCNNPredictor(mask_layers[-1], mask_layers[-1], len(CELL_TYPES) + 1)
     _init_predictors(net)
     return net
 

@@ -35,11 +35,13 @@ MIN_MOSAIC_BOX = 2.0  # px: boxes clipped thinner than this by the mosaic are dr
 MIN_MOSAIC_AREA = 0.2  # ... as are boxes keeping less than this fraction of their area
 
 
-def _init_yolo(net: nn.Module) -> None:
-    """YOLOX's own initialisation (yolox_base.Exp.get_model)."""
+def _init_yolo(net: nn.Module, bn_momentum: float) -> None:
+    """YOLOX's own initialisation (yolox_base.Exp.get_model), BatchNorm momentum from the config:
+    YOLOX's 0.03 leaves 0.97^n of the initial running statistics after n steps, so a run of a
+    few dozen steps (the demo) evaluates with statistics that were never measured."""
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
-            m.eps, m.momentum = 1e-3, 0.03
+            m.eps, m.momentum = 1e-3, bn_momentum
     net.head.initialize_biases(1e-2)
 
 
@@ -96,7 +98,7 @@ class YoloxModel(NeurosegModel):
         backbone = YOLOPAFPN(depth, width, in_channels=in_channels, depthwise=dw, act="silu")
         head = YOLOXHead(len(CELL_TYPES), width, in_channels=in_channels, depthwise=dw, act="silu")
         self.net = YOLOX(backbone, head)
-        _init_yolo(self.net)
+        _init_yolo(self.net, cfg.bn_momentum)
         self.cfg = cfg
         self.mosaic_active = cfg.mosaic_prob > 0
 
