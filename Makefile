@@ -8,7 +8,7 @@ DEMO_DATA := input/synthetic
 ARGS   ?=
 RUN     = $(PY) $(1) --config $(CONFIG) --data-dir $(DATA_DIR) $(ARGS)
 
-.PHONY: venv test demo submission preprocess yolox maskrcnn upernet ensemble predict bench kaggle clean-output
+.PHONY: venv test demo submission preprocess yolox maskrcnn upernet ensemble predict bench kaggle pseudo clean-output
 
 # The venv is rebuilt when requirements.txt changes; torch first (the local wheel here), yolox last.
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -42,6 +42,22 @@ $(DEMO_DATA)/train.csv: | venv
 
 demo: venv $(DEMO_DATA)/train.csv
 	$(MAKE) submission CONFIG=configs/demo.yaml DATA_DIR=$(DEMO_DATA)
+
+# Round 1 of pseudo-labelling (configs/kaggle.yaml has `pseudo` on): train and tune without
+# pseudo-labels, then label train_semi_supervised/; `make submission` is round 2.
+NOPSEUDO = $(PY) $(1) --config $(CONFIG) --data-dir $(DATA_DIR) --set pseudo.enabled=false $(ARGS)
+pseudo: preprocess
+	$(call NOPSEUDO,02_train_yolox.py)
+	$(call NOPSEUDO,03_train_maskrcnn.py)
+	$(call NOPSEUDO,04_train_upernet.py)
+	$(call NOPSEUDO,05_ensemble.py)
+	$(call NOPSEUDO,-m neuroseg pseudo-label)
+
+# Kaggle offline bundle of the trained models: make kaggle KAGGLE_USER=<your Kaggle user name>
+KAGGLE_USER ?=
+kaggle: venv
+	@test -n "$(KAGGLE_USER)" || { echo "make kaggle: set KAGGLE_USER=<your Kaggle user name>" >&2; exit 2; }
+	$(PY) -m neuroseg kaggle-bundle --user $(KAGGLE_USER) --config $(CONFIG) $(ARGS)
 
 bench: venv
 	$(PY) bench/bench_metric.py

@@ -15,12 +15,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("neuroseg.synth", "write a synthetic dataset in the Kaggle layout"),
     "score-oof": ("neuroseg.oof", "score one model's cached out-of-fold predictions"),
     "predict": ("neuroseg.predict", "segment a folder of images with the trained ensemble"),
+    "pretrain": ("neuroseg.pretrain", "pretrain one model on a COCO data set (LIVECell)"),
+    "pseudo-label": ("neuroseg.pseudo_label", "pseudo-label unlabelled images for the training splits"),
+    "kaggle-bundle": ("neuroseg.kaggle_bundle", "wheels, weights and notebook folders for a Kaggle submission"),
 }
 
 
 def usage() -> str:
     lines = ["usage: python -m neuroseg COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+    width = max(map(len, COMMANDS)) + 1
+    lines += [f"  {name:<{width}} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "python -m neuroseg COMMAND --help shows a command's arguments."]
     return "\n".join(lines)
 

@@ -136,6 +136,46 @@ class SubmissionConfig:
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    """Pretraining on an external COCO-format instance data set (LIVECell) before the folds.
+
+    ``python -m neuroseg pretrain MODEL`` writes ``output/pretrain/<model>/best.pt``; with
+    ``enabled`` every fold of that model starts from it. Paths left empty resolve to the Kaggle
+    copy of LIVECell under the data dir (``Paths.livecell_json`` / ``livecell_images``)."""
+
+    enabled: bool = False
+    train_json: str = ""
+    train_images: str = ""  # searched recursively (LIVECell keeps one sub-folder per cell line)
+    val_json: str = ""  # "none": no val set, validate on a few training images
+    val_images: str = ""  # "" = train_images
+    class_map: str = "single"  # single: every instance is `cell_type`; keep: by `cell_types`
+    cell_type: str = "shsy5y"  # the one class of `single`, and of cell lines `keep` does not list
+    cell_types: tuple[str, ...] = ("shsy5y=shsy5y",)  # keep: "<cell line>=<cell type>", any case
+    cell_line_from: str = "file_name"  # file_name (text before the first "_", as LIVECell) | category
+    epochs: int = 10  # replaces the model's train.epochs; the rest of its train section applies
+    max_val_images: int = 100  # an evenly spaced subset of the val set (0 = all)
+
+
+@dataclass(frozen=True)
+class PseudoLabelConfig:
+    """Pseudo-labels of unlabelled images (``train_semi_supervised/``) for the training splits.
+
+    ``python -m neuroseg pseudo-label`` writes them; with ``enabled`` each fold adds them to its
+    training split (never to validation). ``holdout_fraction`` treats that share of the labelled
+    images as unlabelled (left out of every fold, pseudo-labelled with ``--holdout``): the
+    measured way to see what pseudo-labels are worth."""
+
+    enabled: bool = False
+    csv: str = ""  # "" = <output>/pseudo/pseudo_labels.csv
+    min_score: float = 0.5  # keep instances whose ensemble score is at least this
+    min_image_score: float = 0.5  # keep images whose instances' `image_score` is at least this
+    image_score: str = "median"  # mean | median of the image's instance scores (before min_score)
+    min_instances: int = 5  # ... and that keep at least this many instances
+    per_fold: bool = True  # fold k's labels come from fold k's models only: honest OOF scores
+    holdout_fraction: float = 0.0  # of the labelled images, grouped by sample, per cell type
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "default"
     seed: int = 42
@@ -148,6 +188,8 @@ class Config:
     upernet: UPerNetConfig = field(default_factory=UPerNetConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     submission: SubmissionConfig = field(default_factory=SubmissionConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
 
     @property
     def fold_ids(self) -> tuple[int, ...]:

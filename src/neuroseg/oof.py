@@ -46,8 +46,8 @@ class OOFError(RuntimeError):
 
 def fold_config_hash(cfg: Config, paths: Paths, model: str) -> str:
     """What a fold's weights and OOF depend on: the model's section, data/preprocess/folds
-    settings, the seed, the fold assignment itself (folds.csv) and the 01 step's fingerprint of
-    the input files."""
+    settings, the seed, the fold assignment itself (folds.csv), the 01 step's fingerprint of
+    the input files, and a pretrained checkpoint or pseudo-labels when the config uses them."""
     if model not in SPEC:
         raise ValueError(f"unknown model {model!r}; valid: {list(SPEC)}")
     # Which folds this run trains and how many loader workers it uses change no fold's result.
@@ -60,7 +60,13 @@ def fold_config_hash(cfg: Config, paths: Paths, model: str) -> str:
         h.update(paths.folds_csv.read_bytes())
     if paths.preprocess_manifest.is_file():  # its fingerprint of the raw inputs: another data set
         h.update(str(read_json(paths.preprocess_manifest).get("inputs_sha256", "")).encode())
-    return h.hexdigest()[:16]
+    base = h.hexdigest()[:16]
+    # the pretrained checkpoint and the pseudo-label CSV a fold started from; "" while both are off,
+    # so such hashes are the plain one
+    from neuroseg import pretrain, pseudo_data
+
+    extra = pretrain.fingerprint(cfg, paths, model) + pseudo_data.fingerprint(cfg, paths)
+    return hashlib.sha256(f"{base};{extra}".encode()).hexdigest()[:16] if extra else base
 
 
 # ---- predictions: model coordinates -> original coordinates, validated ----

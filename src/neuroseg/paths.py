@@ -158,3 +158,54 @@ class Paths:
         if model not in MODEL_NAMES:
             raise ValueError(f"unknown model {model!r}; valid: {list(MODEL_NAMES)}")
         return self.output_dir / f"submission_{model}.csv"
+
+    # ---- external data: pretraining on LIVECell-style COCO, pseudo-labels ----
+    def livecell_json(self, split: str) -> Path:
+        """LIVECell's COCO json of ``split``: the Kaggle copy keeps it in ``annotations/LIVECell/``,
+        the original download beside ``images/``; the first that exists (else the Kaggle one)."""
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test, got {split!r}")
+        name = f"livecell_coco_{split}.json"
+        candidates = [self.livecell_dir / "annotations" / "LIVECell" / name, self.livecell_dir / name]
+        return next((p for p in candidates if p.is_file()), candidates[0])
+
+    @property
+    def livecell_images(self) -> Path:
+        return self.livecell_dir / "images"
+
+    @property
+    def pretrain_dir(self) -> Path:
+        return self.output_dir / "pretrain"
+
+    def pretrain_index(self, json_path: str | Path) -> Path:
+        """The SQLite index of a COCO json (one per json file: the name carries its path's hash)."""
+        import hashlib
+
+        resolved = str(Path(json_path).resolve())
+        tag = hashlib.sha256(resolved.encode()).hexdigest()[:8]
+        return self.pretrain_dir / "index" / f"{Path(json_path).stem}-{tag}.sqlite"
+
+    def pretrain_model_dir(self, model: str) -> Path:
+        if model not in MODEL_NAMES:
+            raise ValueError(f"unknown model {model!r}; valid: {list(MODEL_NAMES)}")
+        return self.pretrain_dir / model
+
+    def pretrain_best(self, model: str) -> Path:
+        """What the fold trainers start from when ``pretrain.enabled``."""
+        return self.pretrain_model_dir(model) / "best.pt"
+
+    def pretrain_last(self, model: str) -> Path:
+        return self.pretrain_model_dir(model) / "last.pt"
+
+    def pretrain_history(self, model: str) -> Path:
+        return self.pretrain_model_dir(model) / "history.csv"
+
+    @property
+    def pseudo_dir(self) -> Path:
+        return self.output_dir / "pseudo"
+
+    @property
+    def pseudo_labels_csv(self) -> Path:
+        """``python -m neuroseg pseudo-label``'s default output (train.csv form + source, fold,
+        image_path); its summary is the ``.json`` beside it."""
+        return self.pseudo_dir / "pseudo_labels.csv"

@@ -19,12 +19,13 @@ from typing import Any, Callable, Iterator
 import pandas as pd
 import torch
 
-from neuroseg import checkpoint, distributed, engine, history, oof
+from neuroseg import checkpoint, distributed, engine, history, oof, pretrain, pseudo_data
 from neuroseg import config as config_mod
 from neuroseg.config import Config
 from neuroseg.data import ImageRecord, group_records, read_train_csv
 from neuroseg.io_utils import atomic_write_json, read_json
 from neuroseg.paths import MODEL_NAMES, Paths
+from neuroseg.pseudo_data import add_pseudo_labels, holdout_ids
 
 log = logging.getLogger("neuroseg")
 
@@ -68,21 +69,38 @@ def load_fold_records(cfg: Config, paths: Paths, fold: int) -> tuple[list[ImageR
     if unknown:
         raise ValueError(f"{len(unknown)} image(s) of {paths.clean_train_csv} have no fold in "
                          f"{paths.folds_csv}, e.g. {unknown[:3]}; rerun 01_preprocess.py")
-    train = [r for r in records if fold_of[r.image_id] != fold]
-    val = [r for r in records if fold_of[r.image_id] == fold]
-    log.info("read %s and %s: fold %d has %d train / %d val images", paths.clean_train_csv,
-             paths.folds_csv, fold, len(train), len(val))
+    # held-out labelled images (pseudo.holdout_fraction) are "unlabelled": in no split of any fold
+    held = holdout_ids(cfg, folds)
+    train = [r for r in records if fold_of[r.image_id] != fold and r.image_id not in held]
+    val = [r for r in records if fold_of[r.image_id] == fold and r.image_id not in held]
+    log.info("read %s and %s: fold %d has %d train / %d val images%s", paths.clean_train_csv,
+             paths.folds_csv, fold, len(train), len(val),
+             f" ({len(held)} labelled images held out as unlabelled)" if held else "")
     return train, val
 
 
-def build_datasets(cfg: Config, paths: Paths, train: list[ImageRecord], val: list[ImageRecord]):
+def build_datasets(cfg: Config, paths: Paths, train: list[ImageRecord], val: list[ImageRecord],
+                   fold: int | None = None):
+    """(train set, val set) of a fold; with ``pseudo.enabled`` the train set (only) is followed by
+    the fold's pseudo-labelled images (``pseudo_data``), which needs ``fold``."""
     from neuroseg.dataset import InstanceDataset
 
     sem = paths.semantic_dir if paths.semantic_dir.is_dir() else None
     common = dict(image_dir=paths.train_images, semantic_dir=sem, scale=cfg.data.train_scale,
                   border_width=cfg.preprocess.border_width)
-    return (InstanceDataset(train, augment=cfg.data.augment, **common),
-            InstanceDataset(val, augment=None, **common))
+    train_set = InstanceDataset(train, augment=cfg.data.augment, **common)
+    val_set = InstanceDataset(val, augment=None, **common)
+    if cfg.pseudo.enabled:
+        if fold is None:
+            raise ValueError("build_datasets: pseudo.enabled needs the fold (its pseudo-labels)")
+        labelled = {r.image_id for r in (*train, *val)}
+        train_set = add_pseudo_labels(cfg, paths, train_set, fold, labelled)
+    return train_set, val_set
+
+
+def fold_hash(cfg: Config, paths: Paths, model_name: str) -> str:
+    """The fold's config hash (``oof.fold_config_hash``, which includes pretraining and pseudo-labels)."""
+    return oof.fold_config_hash(cfg, paths, model_name)
 
 
 # ---- OOF ----
@@ -172,7 +190,7 @@ def train_fold(cfg: Config, paths: Paths, model_name: str, fold: int, force: boo
     device = distributed.resolve_device(cfg.device, info)
     distributed.init(device, info)
     t0 = time.time()
-    h = oof.fold_config_hash(cfg, paths, model_name)
+    h = fold_hash(cfg, paths, model_name)
     train_recs, val_recs = load_fold_records(cfg, paths, fold)
     desc = f"{model_name} fold {fold}"
     done = done_marker(paths, model_name, fold)
@@ -225,7 +243,9 @@ def _fit_fold(cfg, paths, model_name, fold, config_hash, train_recs, val_recs, d
         model = models.build(model_name, cfg)
     else:
         model = model_factory()
-    train_set, val_set = build_datasets(cfg, paths, train_recs, val_recs)
+    if cfg.pretrain.enabled:  # before fit: the EMA starts from these weights; a resume replaces them
+        pretrain.load_pretrained(model, cfg, paths, model_name)
+    train_set, val_set = build_datasets(cfg, paths, train_recs, val_recs, fold)
     run = engine.FitRun(
         last_path=paths.last_checkpoint(model_name, fold), best_path=paths.best_checkpoint(model_name, fold),
         history_path=paths.history_csv(model_name, fold), config_hash=config_hash,
@@ -237,16 +257,27 @@ def _fit_fold(cfg, paths, model_name, fold, config_hash, train_recs, val_recs, d
 
 def train_model(cfg: Config, paths: Paths, model_name: str, folds: tuple[int, ...] | None = None,
                 force: bool = False) -> list[dict[str, Any]]:
-    """Train every fold of ``folds`` (default: the config's ``fold_ids``); one summary per fold."""
+    """Train every fold of ``folds`` (default: the config's ``fold_ids``); one summary per fold.
+
+    With ``pretrain.enabled`` the model is pretrained first (``pretrain.ensure_pretrained``:
+    skipped when done; ``--force`` here retrains the folds, not the pretraining)."""
     folds = tuple(folds) if folds else cfg.fold_ids
     bad = [f for f in folds if f not in range(cfg.folds.n_folds)]
     if bad:
         raise SystemExit(f"--folds {bad} out of range: n_folds={cfg.folds.n_folds}")
+    csv = pseudo_data.pseudo_csv(cfg, paths)
+    if cfg.pseudo.enabled and not csv.is_file():  # before hours of pretraining, not after
+        raise FileNotFoundError(
+            f"pseudo.enabled but {csv} not found. Pseudo-labels come from a trained, tuned ensemble: "
+            f"run 02-05 with --set pseudo.enabled=false, then `python -m neuroseg pseudo-label` (same "
+            f"--config, --data-dir, --output-dir), then 02-05 again")
     info = distributed.env_info()
     if not info.is_main:  # one log, not one per process
         logging.getLogger("neuroseg").setLevel(logging.WARNING)
     out = []
     try:
+        if cfg.pretrain.enabled:
+            pretrain.ensure_pretrained(cfg, paths, model_name)
         for fold in folds:
             out.append(train_fold(cfg, paths, model_name, fold, force=force))
     finally:
