@@ -78,3 +78,12 @@ def test_module_entry_point(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert set(json.loads(run.stdout)) == {"score", "per_cell_type", "n_images"}
+
+
+def test_training_script_without_preprocess_says_what_to_run(tmp_path, capsys):
+    from neuroseg.runner import train_main
+
+    rc = train_main("upernet", "test", ["--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "out")])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert err.startswith("train upernet: ") and "run 01_preprocess.py first" in err

@@ -15,13 +15,11 @@ category``, the category name.
 
 from __future__ import annotations
 
-import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import albumentations as A
 import cv2
 import numpy as np
 import torch
@@ -30,8 +28,7 @@ from torch.utils.data import Dataset
 from neuroseg.coco_index import CocoImage, CocoIndex, segmentation_indices
 from neuroseg.config import CELL_TYPES, AugmentConfig, PretrainConfig
 from neuroseg.data import DataError, load_image
-from neuroseg.dataset import (_resize_labels, build_augment, image_to_tensor, layer_boxes, pack_layers,
-                              resize_image, unpack_layers)
+from neuroseg.dataset import build_augment, make_sample
 from neuroseg.semantic import semantic_target_from_indices
 
 CLASS_MAPS: tuple[str, ...] = ("single", "keep")
@@ -96,36 +93,6 @@ def read_gray(path: str | Path) -> np.ndarray:
     return arr
 
 
-def instance_sample(image: np.ndarray, instances: Sequence[np.ndarray], labels: np.ndarray, cell_type: int,
-                    image_id: str, scale: float, augment: A.Compose | None,
-                    border_width: int) -> tuple[torch.Tensor, dict]:
-    """Image + flat-index instances at the original size -> the contract's ``(image, target)``,
-    resized by ``scale`` and augmented the way ``InstanceDataset`` does (label layers, so one
-    warp per layer rather than per instance); ``labels`` holds each instance's 1..3."""
-    n = len(instances)
-    semantic = semantic_target_from_indices(instances, image.shape, border_width)
-    layers = pack_layers(instances, image.shape)
-    image = resize_image(image, scale)
-    stack = _resize_labels(np.concatenate([layers, semantic[None].astype(np.uint16)]), image.shape)
-    if augment is not None:
-        # per-item seed from torch, which the DataLoader seeds per worker (see InstanceDataset)
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        augment.set_random_state(np.random.default_rng(seed), random.Random(seed))
-        out = augment(image=image, masks=stack)
-        image, stack = out["image"], np.asarray(out["masks"])
-    layers, semantic = stack[:-1], stack[-1]
-    boxes, present = layer_boxes(layers, n)
-    target = {
-        "boxes": torch.from_numpy(boxes[present]).reshape(-1, 4),
-        "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64)[present]),
-        "masks": torch.from_numpy(unpack_layers(layers, n)[present]),
-        "semantic": torch.from_numpy(semantic.astype(np.int64)),
-        "cell_type": torch.tensor(cell_type, dtype=torch.int64),
-        "image_id": image_id,
-    }
-    return image_to_tensor(image), target
-
-
 class CocoInstanceDataset(Dataset):
     """The images of a :class:`CocoIndex` (or ``subset`` of their positions) as training samples."""
 
@@ -170,5 +137,6 @@ class CocoInstanceDataset(Dataset):
         # one cell type per image, as in the Sartorius data: the most common among its instances
         image_type = (Counter(labels).most_common(1)[0][0] - 1 if labels
                       else CELL_TYPES.index(self.mapping.default))
-        return instance_sample(image, instances, np.asarray(labels, dtype=np.int64), image_type, im.file_name,
-                               self.scale, self.augment, self.border_width)
+        semantic = semantic_target_from_indices(instances, image.shape, self.border_width)
+        return make_sample(image, instances, semantic, np.asarray(labels, dtype=np.int64), image_type,
+                           im.file_name, self.scale, self.augment)

@@ -181,34 +181,40 @@ class InstanceDataset(Dataset):
             instances = [rle.decode_indices(a, rec.shape) for a in rec.annotations]
         except rle.RLEError as e:
             raise ValueError(f"id {rec.image_id}: bad annotation: {e}") from None
-        n = len(instances)
-        layers = pack_layers(instances, rec.shape)
-        semantic = self._semantic(rec, instances)
-
-        image = resize_image(image, self.scale)
-        stack = _resize_labels(np.concatenate([layers, semantic[None].astype(np.uint16)]), image.shape)
-        if self.augment is not None:
-            # albumentations ignores global seeds, and forked DataLoader workers would all copy one
-            # internal state (identical augmentation streams): draw this item's seed from torch,
-            # which the DataLoader seeds per worker -- reproducible and distinct per worker
-            seed = int(torch.randint(0, 2**31 - 1, ()).item())
-            self.augment.set_random_state(np.random.default_rng(seed), random.Random(seed))
-            out = self.augment(image=image, masks=stack)
-            image, stack = out["image"], np.asarray(out["masks"])
-        layers, semantic = stack[:-1], stack[-1]
-
-        boxes, present = layer_boxes(layers, n)
-        masks = unpack_layers(layers, n)[present]  # instances moved out of the frame are dropped
         label = CELL_TYPES.index(rec.cell_type) + 1
-        target = {
-            "boxes": torch.from_numpy(boxes[present]).reshape(-1, 4),
-            "labels": torch.full((int(present.sum()),), label, dtype=torch.int64),
-            "masks": torch.from_numpy(masks),
-            "semantic": torch.from_numpy(semantic.astype(np.int64)),
-            "cell_type": torch.tensor(label - 1, dtype=torch.int64),
-            "image_id": rec.image_id,
-        }
-        return image_to_tensor(image), target
+        return make_sample(image, instances, self._semantic(rec, instances), np.full(len(instances), label),
+                           label - 1, rec.image_id, self.scale, self.augment)
+
+
+def make_sample(image: np.ndarray, instances: Sequence[np.ndarray], semantic: np.ndarray, labels: np.ndarray,
+                cell_type: int, image_id: str, scale: float, augment: A.Compose | None) -> tuple[torch.Tensor, dict]:
+    """Image + flat-index instances + semantic target, all at the original size -> the model
+    contract's ``(image, target)``: resized by ``scale`` and augmented together (the instances as
+    packed label layers, one warp per layer rather than per instance). ``labels`` holds each
+    instance's 1..3; instances moved out of the frame are dropped."""
+    n = len(instances)
+    layers = pack_layers(instances, image.shape)
+    image = resize_image(image, scale)
+    stack = _resize_labels(np.concatenate([layers, semantic[None].astype(np.uint16)]), image.shape)
+    if augment is not None:
+        # albumentations ignores global seeds, and forked DataLoader workers would all copy one
+        # internal state (identical augmentation streams): draw this item's seed from torch,
+        # which the DataLoader seeds per worker -- reproducible and distinct per worker
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        augment.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        out = augment(image=image, masks=stack)
+        image, stack = out["image"], np.asarray(out["masks"])
+    layers, semantic = stack[:-1], stack[-1]
+    boxes, present = layer_boxes(layers, n)
+    target = {
+        "boxes": torch.from_numpy(boxes[present]).reshape(-1, 4),
+        "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64).reshape(-1)[present]),
+        "masks": torch.from_numpy(unpack_layers(layers, n)[present]),
+        "semantic": torch.from_numpy(semantic.astype(np.int64)),
+        "cell_type": torch.tensor(cell_type, dtype=torch.int64),
+        "image_id": image_id,
+    }
+    return image_to_tensor(image), target
 
 
 def _pad_to(t: torch.Tensor, h: int, w: int, value: float) -> torch.Tensor:

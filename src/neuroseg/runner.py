@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import Callable
 
 from neuroseg import config as config_mod
@@ -67,5 +68,9 @@ def train_main(model: str, description: str, argv: list[str] | None = None) -> i
         "--folds", default=None, help="comma-separated folds to train, e.g. 0,2 (default: the config's)"))
     from neuroseg.training import train_model  # after parsing: --help does not pay for torch
 
-    train_model(cfg, paths, model, folds=parse_folds(args.folds), force=args.force)
+    try:
+        train_model(cfg, paths, model, folds=parse_folds(args.folds), force=args.force)
+    except FileNotFoundError as e:  # a missing input (01 not run, pseudo-labels, LIVECell): its message says which
+        print(f"train {model}: {e}", file=sys.stderr)
+        return 1
     return 0
