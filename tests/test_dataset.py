@@ -97,6 +97,33 @@ def test_random_augmentation_keeps_targets_consistent(tiny_records_dir, tiny_rec
         assert np.array_equal(t["semantic"].numpy() > 0, masks.any(0))
 
 
+def test_random_crop_is_a_window_of_the_whole_sample(tiny_records_dir, tiny_records):
+    """crop_size 64 on 128x160 images: image, masks and semantic are the same 64x64 window of the
+    uncropped sample; instances cut by the window keep their visible part, boxes follow; a crop
+    larger than the image pads it (gray image, empty labels)."""
+    plain = InstanceDataset(tiny_records, tiny_records_dir / "train")
+    crop = InstanceDataset(tiny_records, tiny_records_dir / "train", augment=dataclasses.replace(NO_AUG, crop_size=64))
+    torch.manual_seed(0)
+    for i in range(len(plain)):
+        img0, t0 = plain[i]
+        img1, t1 = crop[i]
+        assert img1.shape[-2:] == (64, 64)
+        hits = [(y, x) for y in range(128 - 63) for x in range(160 - 63)
+                if torch.equal(img0[..., y:y + 64, x:x + 64], img1)]
+        assert hits, "the crop is not a window of the image"
+        y, x = hits[0]
+        assert torch.equal(t1["semantic"], t0["semantic"][y:y + 64, x:x + 64])
+        window = t0["masks"][:, y:y + 64, x:x + 64]
+        assert torch.equal(t1["masks"], window[window.flatten(1).any(1)])
+        assert t1["boxes"].tolist() == [_bbox(m) for m in t1["masks"].numpy().astype(bool)]
+    big = InstanceDataset(tiny_records, tiny_records_dir / "train", augment=dataclasses.replace(NO_AUG, crop_size=192))
+    img, t = big[0]
+    assert img.shape[-2:] == (192, 192) and t["semantic"].shape == (192, 192)
+    assert int((t["semantic"] > 0).sum()) == int((plain[0][1]["semantic"] > 0).sum())
+    with pytest.raises(ValueError, match="crop_size"):
+        InstanceDataset(tiny_records, tiny_records_dir / "train", augment=dataclasses.replace(NO_AUG, crop_size=-1))
+
+
 def test_augmentation_follows_torch_seed(tiny_records_dir, tiny_records):
     aug = AugmentConfig(hflip=0.5, vflip=0.5, rotate90=0.5, scale_limit=0.3, brightness_contrast=0.5, blur=0)
     ds = InstanceDataset(tiny_records, tiny_records_dir / "train", augment=aug)

@@ -50,6 +50,9 @@ class AugmentConfig:
     scale_limit: float = 0.2  # random scale in [1 - s, 1 + s]; 0 = off
     brightness_contrast: float = 0.5
     blur: float = 0.1
+    # train on random crop_size x crop_size windows (after the train scale; 0 = whole images):
+    # full resolution at the cost per step of a smaller image (validation sees whole images)
+    crop_size: int = 0
 
 
 @dataclass(frozen=True)

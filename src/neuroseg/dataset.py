@@ -99,6 +99,11 @@ def build_augment(cfg: AugmentConfig) -> A.Compose:
                                                 p=cfg.brightness_contrast))
     if cfg.blur > 0:
         steps.append(A.GaussianBlur(blur_limit=(3, 5), p=cfg.blur))
+    if cfg.crop_size < 0:
+        raise ValueError(f"augment.crop_size must be >= 0, got {cfg.crop_size}")
+    if cfg.crop_size > 0:  # last: the window is cut from the augmented image; smaller ones are padded
+        steps.append(A.RandomCrop(cfg.crop_size, cfg.crop_size, pad_if_needed=True,
+                                  border_mode=cv2.BORDER_CONSTANT, fill=_PAD_GRAY, fill_mask=0))
     return A.Compose(steps)
 
 
