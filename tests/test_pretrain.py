@@ -19,10 +19,9 @@ import tifffile
 import torch
 from pycocotools import mask as mask_utils
 
-from conftest import draw_cells, write_kaggle_dir
-from neuroseg import checkpoint, config, engine, models, training
+from conftest import draw_cells, preprocessed_kaggle_set
+from neuroseg import checkpoint, config, engine, models, oof, training
 from neuroseg.coco_stream import JSONStreamError, iter_top_level
-from neuroseg.config import CELL_TYPES
 from neuroseg.paths import Paths
 
 LIVE_H, LIVE_W = 80, 96
@@ -82,14 +81,9 @@ def write_livecell(root, split: str, n_per_line: int, rng, first_id: int) -> dic
 def data(tmp_path_factory):
     """Paths with a Kaggle set (3 images of 128 x 160, through the real 01 step, 3 folds) and a
     LIVECell copy (4 train, 2 val TIFFs of 80 x 96) in the data dir."""
-    from neuroseg.preprocess import run_preprocess
-
     root = tmp_path_factory.mktemp("pretrain")
     rng = np.random.default_rng(0)
-    kaggle = {f"img{i}{t}": (t, *draw_cells(rng, 128, 160, t, n_cells=5)) for i, t in enumerate(CELL_TYPES)}
-    write_kaggle_dir(root / "data", kaggle)
-    paths = Paths(root / "data", root / "out")
-    run_preprocess(config.load(None, ["folds.n_folds=3"]), paths)
+    paths = preprocessed_kaggle_set(root, rng)
     truth = write_livecell(root / "data", "train", 2, rng, first_id=1)
     truth |= write_livecell(root / "data", "val", 1, rng, first_id=100)
     return paths, truth
@@ -233,8 +227,8 @@ def test_pretrain_then_finetune_starts_from_the_checkpoint(data, model_name, mon
     result = training.train_fold(tuned, paths, model_name, 0)
     ckpt = checkpoint.load(best)["model"]
     assert all(torch.equal(seen["state"][k], ckpt[k]) for k in ckpt)
-    assert result["config_hash"] == training.fold_hash(tuned, paths, model_name)
-    assert result["config_hash"] != training.fold_hash(cfg, paths, model_name)
+    assert result["config_hash"] == oof.fold_config_hash(tuned, paths, model_name)
+    assert result["config_hash"] != oof.fold_config_hash(cfg, paths, model_name)
     assert np.isfinite(result["best_metric"])
 
 

@@ -98,11 +98,6 @@ def build_datasets(cfg: Config, paths: Paths, train: list[ImageRecord], val: lis
     return train_set, val_set
 
 
-def fold_hash(cfg: Config, paths: Paths, model_name: str) -> str:
-    """The fold's config hash (``oof.fold_config_hash``, which includes pretraining and pseudo-labels)."""
-    return oof.fold_config_hash(cfg, paths, model_name)
-
-
 # ---- OOF ----
 
 @torch.no_grad()
@@ -190,7 +185,7 @@ def train_fold(cfg: Config, paths: Paths, model_name: str, fold: int, force: boo
     device = distributed.resolve_device(cfg.device, info)
     distributed.init(device, info)
     t0 = time.time()
-    h = fold_hash(cfg, paths, model_name)
+    h = oof.fold_config_hash(cfg, paths, model_name)  # includes pretraining and pseudo-labels
     train_recs, val_recs = load_fold_records(cfg, paths, fold)
     desc = f"{model_name} fold {fold}"
     done = done_marker(paths, model_name, fold)
