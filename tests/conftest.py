@@ -72,6 +72,20 @@ def write_kaggle_dir(root: Path, images: dict[str, tuple[str, np.ndarray, np.nda
     return root
 
 
+def preprocessed_kaggle_set(root: Path, rng: np.random.Generator, n_folds: int = 3):
+    """One 128x160 synthetic image per cell type (5 cells each) in ``root/data``, through the real
+    01 step with ``n_folds`` folds into ``root/out``; returns its ``Paths``."""
+    from neuroseg import config
+    from neuroseg.paths import Paths
+    from neuroseg.preprocess import run_preprocess
+
+    images = {f"img{i}{t}": (t, *draw_cells(rng, 128, 160, t, n_cells=5)) for i, t in enumerate(CELL_TYPES)}
+    write_kaggle_dir(root / "data", images)
+    paths = Paths(root / "data", root / "out")
+    run_preprocess(config.load(None, [f"folds.n_folds={n_folds}"]), paths)
+    return paths
+
+
 @pytest.fixture
 def tiny_images() -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
     """Three 128 x 160 images, one per cell type: ``{image_id: (cell_type, image, masks)}``.

@@ -72,3 +72,16 @@ def asymmetric_image(h: int = 40, w: int = 60) -> np.ndarray:
     yy, xx = np.mgrid[0:8, 0:16]
     img[4:12, 20:36] = (140 + 6 * xx + 3 * yy).astype(np.uint8)
     return img
+
+
+def save_untrained_fold_models(cfg, paths, fold: int = 0) -> None:
+    """``best.pt`` of each model for ``fold``, as the engine writes it, from seeded untrained
+    weights: what inference loads, without minutes of training."""
+    from neuroseg import checkpoint, models
+
+    for name in ("yolox", "maskrcnn", "upernet"):
+        torch.manual_seed(0)
+        model = models.build(name, cfg)
+        checkpoint.save({"model": model.state_dict(), "model_name": name, "fold": fold, "epoch": 1,
+                         "metric": 0.0, "config": cfg.to_dict(), "config_hash": "test"},
+                        paths.best_checkpoint(name, fold))

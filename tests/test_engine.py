@@ -197,19 +197,9 @@ TINY_MODELS = {
 @pytest.fixture(scope="module")
 def preprocessed(tmp_path_factory):
     """conftest's three 128x160 synthetic images through the real 01 step, 3 folds."""
-    from conftest import draw_cells, write_kaggle_dir
-    from neuroseg import config
-    from neuroseg.config import CELL_TYPES
-    from neuroseg.paths import Paths
-    from neuroseg.preprocess import run_preprocess
+    from conftest import preprocessed_kaggle_set
 
-    root = tmp_path_factory.mktemp("real")
-    rng = np.random.default_rng(0)
-    images = {f"img{i}{t}": (t, *draw_cells(rng, 128, 160, t, n_cells=5)) for i, t in enumerate(CELL_TYPES)}
-    write_kaggle_dir(root / "data", images)
-    paths = Paths(root / "data", root / "out")
-    run_preprocess(config.load(None, ["folds.n_folds=3"]), paths)
-    return paths
+    return preprocessed_kaggle_set(tmp_path_factory.mktemp("real"), np.random.default_rng(0))
 
 
 @pytest.mark.parametrize("model", ["yolox", "maskrcnn", "upernet"])

@@ -148,9 +148,9 @@ def test_notebook_finds_its_inputs_at_either_depth(tmp_path, monkeypatch, compet
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """An output dir with fold-0 ``best.pt`` of each model and default ensemble params."""
-    import torch
+    from predict_stubs import save_untrained_fold_models
 
-    from neuroseg import checkpoint, config, models
+    from neuroseg import config
     from neuroseg.ensemble import EnsembleParams
     from neuroseg.io_utils import atomic_write_json
     from neuroseg.paths import Paths
@@ -158,12 +158,7 @@ def trained(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trained")
     paths = Paths(out, out)
     cfg = config.load(None, TINY)
-    for name in ("yolox", "maskrcnn", "upernet"):
-        torch.manual_seed(0)
-        model = models.build(name, cfg)
-        checkpoint.save({"model": model.state_dict(), "model_name": name, "fold": 0, "epoch": 1,
-                         "metric": 0.0, "config": cfg.to_dict(), "config_hash": "test"},
-                        paths.best_checkpoint(name, 0))
+    save_untrained_fold_models(cfg, paths)
     # untrained models score ~0.3 at best: low thresholds so that the CSV has instances to compare
     params = EnsembleParams()
     for p in params.ensemble.values():

@@ -15,7 +15,7 @@ from PIL import Image
 from neuroseg import tta
 from neuroseg.inference import FoldEnsemble, iter_predictions, load_fold_models
 from neuroseg.paths import Paths
-from predict_stubs import StubDetector, StubSegmenter, asymmetric_image, bright_box
+from predict_stubs import StubDetector, StubSegmenter, asymmetric_image, bright_box, save_untrained_fold_models
 
 # asymmetric_image's bright rectangle in original pixels, xyxy edges
 RECT = np.array([[20, 4, 36, 12]], dtype=np.float32)
@@ -218,19 +218,14 @@ TINY = ["device=cpu", "folds.n_folds=2", "folds.train_folds=[0]", "data.train_sc
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Fold-0 ``best.pt`` of each model as the engine writes it, default params, a test folder."""
-    from neuroseg import checkpoint, config, models
+    from neuroseg import config
 
     root = tmp_path_factory.mktemp("trained")
     cfg = config.load(None, TINY)
     rng = np.random.default_rng(0)
     paths = kaggle_test_dir(root, {"t1": rng.integers(0, 255, (32, 40), dtype=np.uint8),
                                    "t2": asymmetric_image(32, 40)})
-    for name in ("yolox", "maskrcnn", "upernet"):
-        torch.manual_seed(0)
-        model = models.build(name, cfg)
-        checkpoint.save({"model": model.state_dict(), "model_name": name, "fold": 0, "epoch": 1,
-                         "metric": 0.0, "config": cfg.to_dict(), "config_hash": "test"},
-                        paths.best_checkpoint(name, 0))
+    save_untrained_fold_models(cfg, paths)
     write_default_params(paths)
     return paths
 
