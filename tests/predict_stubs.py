@@ -38,6 +38,7 @@ class StubDetector(NeurosegModel):
         super().__init__()
         self.masks = masks
         self.calls = 0
+        self.feature_calls = 0
 
     def forward(self, images, targets=None):
         self.calls += 1
@@ -50,7 +51,12 @@ class StubDetector(NeurosegModel):
             out.append(d)
         return out
 
-    def masks_for_boxes(self, images, boxes, labels):
+    def box_features(self, images):
+        self.feature_calls += 1
+        return None, {"images": images.clone()}
+
+    def masks_for_boxes(self, images, boxes, labels, features=None):
+        images = features[1]["images"] if features is not None else images
         return [crop_masks(im, b) for im, b in zip(images, boxes)]
 
 

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from neuroseg import config
 from neuroseg.config import CELL_TYPES, AugmentConfig
-from neuroseg.dataset import InferenceDataset, InstanceDataset, collate, pack_layers, unpack_layers
+from neuroseg.dataset import (InferenceDataset, InstanceDataset, collate, model_data_config, pack_layers,
+                              unpack_layers)
 from neuroseg.semantic import semantic_target
 
 NO_AUG = AugmentConfig(hflip=0, vflip=0, rotate90=0, scale_limit=0, brightness_contrast=0, blur=0)
@@ -122,6 +124,16 @@ def test_random_crop_is_a_window_of_the_whole_sample(tiny_records_dir, tiny_reco
     assert int((t["semantic"] > 0).sum()) == int((plain[0][1]["semantic"] > 0).sum())
     with pytest.raises(ValueError, match="crop_size"):
         InstanceDataset(tiny_records, tiny_records_dir / "train", augment=dataclasses.replace(NO_AUG, crop_size=-1))
+
+
+def test_yolox_trains_on_whole_images_whatever_the_crop_size():
+    """YOLOX letterboxes its input to input_size: a crop would be blown up to it in training and
+    never seen at inference, so its training data ignores crop_size; the other models keep it."""
+    cfg = config.load(None, ["data.augment.crop_size=256", "data.augment.hflip=0.3"])
+    yolox = model_data_config(cfg, "yolox")
+    assert yolox.data.augment == dataclasses.replace(cfg.data.augment, crop_size=0)
+    assert yolox.yolox == cfg.yolox and yolox.data.train_scale == cfg.data.train_scale
+    assert model_data_config(cfg, "maskrcnn") is cfg and model_data_config(cfg, "upernet") is cfg
 
 
 def test_augmentation_follows_torch_seed(tiny_records_dir, tiny_records):

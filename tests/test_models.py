@@ -129,9 +129,12 @@ def test_maskrcnn_masks_for_boxes_reproduces_its_own_mask_probs(trained, tiny_ba
     with torch.no_grad():
         preds = model(images)
         again = model.masks_for_boxes(images, [p["boxes"] for p in preds], [p["labels"] for p in preds])
-    for p, m in zip(preds, again):
+        kept = model.masks_for_boxes(images, [p["boxes"] for p in preds], [p["labels"] for p in preds],
+                                     features=model.box_features(images))
+    for p, m, k in zip(preds, again, kept):
         assert p["mask_probs"].shape == m.shape == (len(p["boxes"]), 28, 28)
         assert torch.allclose(p["mask_probs"], m, atol=1e-5)
+        assert torch.equal(k, m)
     empty = model.masks_for_boxes(images, [torch.zeros(0, 4)] * 2, [torch.zeros(0, dtype=torch.int64)] * 2)
     assert [e.shape for e in empty] == [(0, 28, 28)] * 2
 
@@ -175,6 +178,19 @@ def test_maskrcnn_keeps_input_coordinates_when_it_resizes(tiny_batch):
         preds = model(tiny_batch[0])
     boxes = torch.cat([p["boxes"] for p in preds])
     assert len(boxes) and boxes.max() > 64 and boxes.max() <= 128
+
+
+def test_maskrcnn_trains_on_inputs_at_their_own_size():
+    """Training inputs come at the model's scale already (train_scale, crop_size windows): the
+    transform must not blow a 64-px crop up to min_size 128; inference still resizes to it."""
+    model = tiny_model("maskrcnn")
+    crop = [torch.rand(3, 64, 64)]
+    target = [{"boxes": torch.tensor([[8.0, 8.0, 24.0, 24.0]]), "labels": torch.tensor([1]),
+               "masks": torch.zeros((1, 64, 64), dtype=torch.uint8)}]
+    images, targets = model.train().net.transform(crop, target)
+    assert images.image_sizes == [(64, 64)] and targets[0]["boxes"].tolist() == [[8.0, 8.0, 24.0, 24.0]]
+    images, _ = model.eval().net.transform(crop)
+    assert images.image_sizes == [(128, 128)]
 
 
 def test_paste_masks_fills_the_box():

@@ -92,6 +92,21 @@ def test_mask_fn_averages_unflipped_views():
     assert ens_flips.mask_fn(image)(np.zeros((0, 4)), np.zeros(0)).shape == (0, 28, 28)
 
 
+def test_mask_fn_runs_the_backbone_once_per_image():
+    """The ensemble's tuning asks an image's mask function for new boxes many times: the features
+    are computed on the first call only, kept (``nbytes``), and give the masks a fresh call gives."""
+    image = asymmetric_image()
+    ens = stub_ensemble(tta_flips=True, folds=2)
+    fn = ens.mask_fn(image)
+    assert fn.nbytes == 0  # nothing computed before the first call
+    first = fn(RECT, np.array([2]))
+    again = fn(RECT + 1, np.array([1]))
+    assert [m.feature_calls for m in ens.models["maskrcnn"]] == [1, 1]
+    assert fn.nbytes == 2 * 3 * (3 * 20 * 30) * 4  # folds x views x the stub's "features": its input at scale 0.5
+    np.testing.assert_array_equal(first, ens.mask_fn(image)(RECT, np.array([2])))
+    np.testing.assert_array_equal(again, ens.mask_fn(image)(RECT + 1, np.array([1])))
+
+
 def test_one_forward_per_fold_covers_every_view_and_image():
     ens = stub_ensemble(tta_flips=True)
     images = [asymmetric_image(), np.full((40, 60), 30, np.uint8)]  # the second has no cell

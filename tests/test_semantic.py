@@ -77,3 +77,32 @@ def test_no_instances_and_bad_arguments():
         semantic_target(np.zeros((1, 4, 4), bool), -1)
     with pytest.raises(ValueError, match=r"\(N, H, W\)"):
         semantic_target(np.zeros((4, 4), bool), 1)
+
+
+def test_contact_border_only_where_cells_touch():
+    shape = (8, 16)
+    a, b = square(shape, 1, 1, 5), square(shape, 1, 6, 5)  # columns 1-5 and 6-10 touch
+    lone = square(shape, 5, 13, 3)  # two columns from b's corner: beyond border_width 1
+    target = semantic_target(np.stack([a, b, lone]), border_width=1, mode="contact")
+    expected = np.zeros(shape, np.uint8)
+    expected[1:6, 1:11] = 1
+    expected[1:6, 5:7] = 2  # a's last and b's first column: each within 1 px of the other
+    expected[5:8, 13:16] = 1  # the isolated cell is all interior, no ring
+    np.testing.assert_array_equal(target, expected)
+    assert label(target == 1, connectivity=2).max() == 3
+
+
+def test_contact_border_follows_the_chessboard_distance_and_overlaps():
+    shape = (10, 10)
+    a, b = square(shape, 1, 1, 3), square(shape, 5, 5, 3)  # corners (3,3) and (5,5): 2 px apart
+    t1 = semantic_target(np.stack([a, b]), border_width=1, mode="contact")
+    assert (t1 == 2).sum() == 0
+    t2 = semantic_target(np.stack([a, b]), border_width=2, mode="contact")
+    assert t2[3, 3] == 2 and t2[5, 5] == 2 and (t2 == 2).sum() == 2  # only the facing corners
+    overlap = semantic_target(np.stack([square(shape, 1, 1, 4), square(shape, 1, 3, 4)]), 0, mode="contact")
+    assert (overlap == 2).sum() == 4 * 2  # columns 3-4, as in outline mode
+
+
+def test_unknown_border_mode_is_an_error():
+    with pytest.raises(ValueError, match="unknown border mode 'ring'"):
+        semantic_target(square((4, 4), 0, 0, 2)[None], 1, mode="ring")

@@ -97,7 +97,7 @@ class CocoInstanceDataset(Dataset):
     """The images of a :class:`CocoIndex` (or ``subset`` of their positions) as training samples."""
 
     def __init__(self, index: CocoIndex, mapping: ClassMapping, augment: AugmentConfig | None = None,
-                 scale: float = 1.0, border_width: int = 2, subset: Sequence[int] | None = None) -> None:
+                 scale: float = 1.0, border_width: int = 2, border_mode: str = "outline", subset: Sequence[int] | None = None) -> None:
         if scale <= 0:
             raise ValueError(f"scale must be > 0, got {scale}")
         self.index = index
@@ -108,6 +108,7 @@ class CocoInstanceDataset(Dataset):
         self.augment = build_augment(augment) if augment is not None else None
         self.scale = float(scale)
         self.border_width = int(border_width)
+        self.border_mode = border_mode
 
     def __len__(self) -> int:
         return len(self.images)
@@ -137,6 +138,6 @@ class CocoInstanceDataset(Dataset):
         # one cell type per image, as in the Sartorius data: the most common among its instances
         image_type = (Counter(labels).most_common(1)[0][0] - 1 if labels
                       else CELL_TYPES.index(self.mapping.default))
-        semantic = semantic_target_from_indices(instances, image.shape, self.border_width)
+        semantic = semantic_target_from_indices(instances, image.shape, self.border_width, self.border_mode)
         return make_sample(image, instances, semantic, np.asarray(labels, dtype=np.int64), image_type,
                            im.file_name, self.scale, self.augment)

@@ -116,6 +116,7 @@ class PreprocessConfig:
     clean_astro: bool = True  # fill holes and drop fragments in astro masks (measured in 01)
     min_fragment_area: int = 16
     border_width: int = 2  # px of the "border" class in the semantic targets
+    border: str = "outline"  # outline: inside every outline | contact: only where cells touch (semantic.py)
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,9 @@ class EnsembleConfig:
     models: tuple[str, ...] = ("yolox", "maskrcnn", "upernet")
     tune_trials: int = 200
     tune_seed: int = 0
+    # 05 keeps the Mask R-CNN FPN features of OOF images (the mask head then reruns without the
+    # backbone for every box-fusion setting) up to this many MB; the rest recompute them
+    feature_cache_mb: int = 2048
 
 
 @dataclass(frozen=True)

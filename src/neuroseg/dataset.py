@@ -28,7 +28,9 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from neuroseg import rle
-from neuroseg.config import CELL_TYPES, AugmentConfig
+import dataclasses
+
+from neuroseg.config import CELL_TYPES, AugmentConfig, Config
 from neuroseg.data import ImageRecord, load_image
 from neuroseg.semantic import semantic_target_from_indices
 
@@ -107,6 +109,20 @@ def build_augment(cfg: AugmentConfig) -> A.Compose:
     return A.Compose(steps)
 
 
+LETTERBOX_MODELS = ("yolox",)
+"""Models that letterbox whatever they are given to a fixed input size."""
+
+
+def model_data_config(cfg: Config, model_name: str) -> Config:
+    """``cfg`` as ``model_name``'s training data sees it: a letterboxing model (YOLOX) would blow a
+    ``crop_size`` window up to its input size and then meet whole images at inference, so it
+    trains on whole images (its own mosaic plays the crop's part)."""
+    if model_name not in LETTERBOX_MODELS or cfg.data.augment.crop_size == 0:
+        return cfg
+    augment = dataclasses.replace(cfg.data.augment, crop_size=0)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment=augment))
+
+
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """``uint8 (H, W)`` gray -> ``float32 (3, H, W)`` in [0, 1] (gray repeated, the model contract)."""
     t = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255.0)
@@ -145,6 +161,7 @@ class InstanceDataset(Dataset):
         augment: AugmentConfig | None = None,
         scale: float = 1.0,
         border_width: int = 2,
+        border_mode: str = "outline",
     ) -> None:
         if scale <= 0:
             raise ValueError(f"scale must be > 0, got {scale}")
@@ -154,6 +171,7 @@ class InstanceDataset(Dataset):
         self.augment = build_augment(augment) if augment is not None else None
         self.scale = float(scale)
         self.border_width = int(border_width)
+        self.border_mode = border_mode
 
     def __len__(self) -> int:
         return len(self.records)
@@ -174,7 +192,7 @@ class InstanceDataset(Dataset):
             if sem.max() > 2:
                 raise ValueError(f"{path}: semantic values must be 0/1/2, found {int(sem.max())}")
             return sem
-        return semantic_target_from_indices(instances, rec.shape, self.border_width)
+        return semantic_target_from_indices(instances, rec.shape, self.border_width, self.border_mode)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
         rec = self.records[i]

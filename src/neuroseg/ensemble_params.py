@@ -40,7 +40,7 @@ class MaskRCNNParams:
 @dataclass
 class UPerNetParams:
     interior_threshold: float = 0.5  # probs_to_instances' cell-pixel threshold
-    seed_threshold: float = 0.7  # ... and its seed threshold
+    seed_threshold: float = 0.5  # ... and its seed threshold (0.7 found no seed in a weak model)
     min_area: int = 8
     score_threshold: float = 0.0  # on the instance's mean interior probability
 

@@ -174,40 +174,12 @@ class FoldEnsemble:
     def predict_image(self, image: np.ndarray, image_id: str = "image") -> ImagePredictions:
         return self.predict_batch([image], [image_id])[0]
 
-    def mask_fn(self, image: np.ndarray) -> MaskFn:
+    def mask_fn(self, image: np.ndarray) -> "MaskHeads":
         """``(boxes (N,4) original px, labels (N,)) -> (N,28,28)`` mask probabilities: every Mask
         R-CNN fold's mask head on every TTA view of ``image``, un-flipped and averaged."""
-        H, W = image.shape
-        x: list[torch.Tensor] = []  # built on first call: the ensemble may need no masks at all
-
-        @torch.no_grad()
-        def masks(boxes: np.ndarray, labels: np.ndarray) -> np.ndarray:
-            boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-            n = len(boxes)
-            folds = self.models.get("maskrcnn", [])
-            if not folds:
-                raise RuntimeError("mask_fn needs Mask R-CNN fold models; none are loaded")
-            if n == 0:
-                return np.zeros((0, MASK_SIZE, MASK_SIZE), dtype=np.float32)
-            if not x:
-                x.append(self._input([image]))
-            h, w = int(x[0].shape[-2]), int(x[0].shape[-1])
-            b = torch.as_tensor(boxes, device=self.device) * torch.tensor(
-                [w / W, h / H, w / W, h / H], device=self.device)
-            lab = torch.as_tensor(np.asarray(labels), device=self.device).long().reshape(-1)
-            view_boxes = [tta.flip_boxes(b, v, h, w) for v in self.views]
-            total = torch.zeros((n, MASK_SIZE, MASK_SIZE), device=self.device)
-            for model in folds:
-                with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                    outs = model.masks_for_boxes(x[0], view_boxes, [lab] * len(self.views))
-                for v, m in zip(self.views, outs):
-                    total += tta.flip_box_masks(m.float(), b, v)
-            total /= len(folds) * len(self.views)
-            # the masks were predicted at the input scale: re-express them on the original boxes
-            shift = rescale_shift(W / w, H / h)
-            return shift_box_masks(total, torch.as_tensor(boxes, device=self.device), *shift).cpu().numpy()
-
-        return masks
+        if not self.models.get("maskrcnn"):
+            raise RuntimeError("mask_fn needs Mask R-CNN fold models; none are loaded")
+        return MaskHeads(self, image)
 
 
 def image_files(folder: str | Path, suffixes: Sequence[str] = (".png",)) -> list[Path]:
@@ -239,3 +211,48 @@ def iter_predictions(ensemble: FoldEnsemble, image_paths: Sequence[Path], batch_
                 results[k] = pred
         for image, pred in zip(chunk, results):
             yield image, pred
+
+
+class MaskHeads:
+    """``FoldEnsemble.mask_fn(image)``: a :data:`MaskFn` for one image. The backbone runs on the
+    first call and its FPN features are kept for the next ones (``nbytes`` says how much they
+    hold), so a caller asking for new boxes again and again -- the ensemble's tuning, once per
+    box-fusion setting -- pays for the mask head on the new boxes only."""
+
+    def __init__(self, folds: FoldEnsemble, image: np.ndarray) -> None:
+        self.folds, self.image = folds, image
+        self._x: torch.Tensor | None = None  # built on first call: the ensemble may need no masks at all
+        self._features: list[tuple] = []  # per fold model
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _, feats in self._features for t in feats.values())
+
+    @torch.no_grad()
+    def __call__(self, boxes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        f = self.folds
+        H, W = self.image.shape
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        n = len(boxes)
+        if n == 0:
+            return np.zeros((0, MASK_SIZE, MASK_SIZE), dtype=np.float32)
+        models = f.models["maskrcnn"]
+        if self._x is None:
+            self._x = f._input([self.image])
+            for model in models:
+                with torch.autocast(f.device.type, dtype=torch.float16, enabled=f.amp):
+                    self._features.append(model.box_features(self._x))
+        h, w = int(self._x.shape[-2]), int(self._x.shape[-1])
+        b = torch.as_tensor(boxes, device=f.device) * torch.tensor([w / W, h / H, w / W, h / H], device=f.device)
+        lab = torch.as_tensor(np.asarray(labels), device=f.device).long().reshape(-1)
+        view_boxes = [tta.flip_boxes(b, v, h, w) for v in f.views]
+        total = torch.zeros((n, MASK_SIZE, MASK_SIZE), device=f.device)
+        for model, feats in zip(models, self._features):
+            with torch.autocast(f.device.type, dtype=torch.float16, enabled=f.amp):
+                outs = model.masks_for_boxes(self._x, view_boxes, [lab] * len(f.views), features=feats)
+            for v, m in zip(f.views, outs):
+                total += tta.flip_box_masks(m.float(), b, v)
+        total /= len(models) * len(f.views)
+        # the masks were predicted at the input scale: re-express them on the original boxes
+        shift = rescale_shift(W / w, H / h)
+        return shift_box_masks(total, torch.as_tensor(boxes, device=f.device), *shift).cpu().numpy()

@@ -116,16 +116,17 @@ def write_coco_folds(records: list[ImageRecord], folds: pd.DataFrame, paths: Pat
             log.info("wrote %s (%d images, %d annotations)", path, len(d["images"]), len(d["annotations"]))
 
 
-def write_semantic_targets(records: list[ImageRecord], paths: Paths, border_width: int) -> None:
+def write_semantic_targets(records: list[ImageRecord], paths: Paths, border_width: int,
+                           border_mode: str = "outline") -> None:
     paths.semantic_dir.mkdir(parents=True, exist_ok=True)
     for r in tqdm(records, desc="semantic targets", unit="img", leave=False):
-        target = semantic_target_from_rles(r.annotations, r.shape, border_width)
+        target = semantic_target_from_rles(r.annotations, r.shape, border_width, border_mode)
         path = paths.semantic_target(r.image_id)
         with atomic_path(path) as tmp:
             if not cv2.imwrite(str(tmp), target):
                 raise OSError(f"could not write {path}")
-    log.info("wrote %d semantic targets (0 background, 1 interior, 2 border; border %d px) to %s",
-             len(records), border_width, paths.semantic_dir)
+    log.info("wrote %d semantic targets (0 background, 1 interior, 2 border; %s border %d px) to %s",
+             len(records), border_mode, border_width, paths.semantic_dir)
 
 
 def plot_cleaning(raw: list[ImageRecord], clean: list[ImageRecord], report: dict, images_dir: Path,
@@ -214,7 +215,7 @@ def run_preprocess(cfg: Config, paths: Paths, force: bool = False) -> dict:
 
     records = group_records(clean_df)
     write_coco_folds(records, folds, paths, cfg.folds.n_folds)
-    write_semantic_targets(records, paths, pp.border_width)
+    write_semantic_targets(records, paths, pp.border_width, pp.border)
     plot_cleaning(group_records(raw_df), records, report, paths.train_images, paths.cleaning_figure)
     config_mod.save(cfg, paths.preprocess_config)
 

@@ -87,7 +87,8 @@ def build_datasets(cfg: Config, paths: Paths, index: bool = True):
         db = paths.pretrain_index(json_path)
         return CocoIndex(build_index(json_path, images, db) if index else db)
 
-    common = dict(scale=cfg.data.train_scale, border_width=cfg.preprocess.border_width)
+    common = dict(scale=cfg.data.train_scale, border_width=cfg.preprocess.border_width,
+                  border_mode=cfg.preprocess.border)
     train_index = open_index(src.train_json, src.train_images)
     train_set = CocoInstanceDataset(train_index, mapping, augment=cfg.data.augment, **common)
     k = cfg.pretrain.max_val_images
@@ -113,7 +114,7 @@ def config_hash(cfg: Config, model_name: str, index_files: list[Path]) -> str:
     section = dataclasses.replace(section, train=dataclasses.replace(
         section.train, num_workers=0, epochs=cfg.pretrain.epochs))
     part = {"model": dataclasses.asdict(section), "data": dataclasses.asdict(cfg.data),
-            "border_width": cfg.preprocess.border_width, "seed": cfg.seed,
+            "border_width": cfg.preprocess.border_width, "border": cfg.preprocess.border, "seed": cfg.seed,
             "pretrain": dataclasses.asdict(dataclasses.replace(cfg.pretrain, enabled=False)),
             "index": [_index_stamp(p) for p in index_files]}
     return hashlib.sha256(json.dumps(part, sort_keys=True, default=list).encode()).hexdigest()[:16]
@@ -139,16 +140,17 @@ def pretrain_model(cfg: Config, paths: Paths, model_name: str, force: bool = Fal
     ``models.build`` (tests)."""
     if model_name not in MODEL_NAMES:
         raise ValueError(f"unknown model {model_name!r}; valid: {list(MODEL_NAMES)}")
-    from neuroseg.dataset import collate
+    from neuroseg.dataset import collate, model_data_config
 
     info = distributed.env_info()
     device = distributed.resolve_device(cfg.device, info)
     distributed.init(device, info)
     t0 = time.time()
     # one process indexes; the others open its files
-    data = build_datasets(cfg, paths) if info.is_main else None
+    data_cfg = model_data_config(cfg, model_name)
+    data = build_datasets(data_cfg, paths) if info.is_main else None
     distributed.barrier()
-    train_set, val_set, index_files = data or build_datasets(cfg, paths, index=False)
+    train_set, val_set, index_files = data or build_datasets(data_cfg, paths, index=False)
     h = config_hash(cfg, model_name, index_files)
     d = paths.pretrain_model_dir(model_name)
     done, manifest, best = d / "done.json", d / "manifest.json", paths.pretrain_best(model_name)

@@ -195,7 +195,8 @@ def add_pseudo_labels(cfg: Config, paths: Paths, train_set: Dataset, fold: int,
         log.warning("fold %d: no pseudo-labelled image for this fold in %s", fold, pseudo_csv(cfg, paths))
         return train_set
     parts = [InstanceDataset(recs, image_dir=d, semantic_dir=None, augment=cfg.data.augment,
-                             scale=cfg.data.train_scale, border_width=cfg.preprocess.border_width)
+                             scale=cfg.data.train_scale, border_width=cfg.preprocess.border_width,
+                             border_mode=cfg.preprocess.border)
              for d, recs in by_dir.items()]
     return TrainingSet([train_set, *parts])
 

@@ -83,7 +83,9 @@ class LazyOOF(Mapping):
 
 class OOFMaskFns(Mapping):
     """``{image_id: MaskFn}``: the mask head of the Mask R-CNN fold model that did not train on the
-    image (the one whose OOF cache holds it). Models load once per fold; the image on access."""
+    image (the one whose OOF cache holds it). Models load once per fold; the image on access.
+    An image's mask function, with its backbone features, is kept while the kept ones hold under
+    ``ensemble.feature_cache_mb``: the tuning asks every image again for each box-fusion setting."""
 
     def __init__(self, cfg: Config, paths: Paths, manifests: Mapping[int, dict[str, Any]]) -> None:
         from neuroseg import checkpoint
@@ -93,6 +95,8 @@ class OOFMaskFns(Mapping):
         self.fold_of = {i: f for f, m in manifests.items() for i in m["image_ids"]}
         self.device = resolve_device(cfg.device)
         self._models: dict[int, Any] = {}
+        self._kept: dict[str, Any] = {}
+        self._budget = cfg.ensemble.feature_cache_mb * 2**20
         for fold, m in manifests.items():
             best = paths.best_checkpoint("maskrcnn", fold)
             if not best.is_file():
@@ -114,10 +118,19 @@ class OOFMaskFns(Mapping):
         from neuroseg.data import load_image
         from neuroseg.inference import FoldEnsemble
 
+        if image_id in self._kept:
+            return self._kept[image_id]
         fold = self.fold_of[image_id]
         folds = FoldEnsemble({"maskrcnn": [self._model(fold)]}, self.cfg.data.train_scale, tta_flips=False,
                              device=self.device)
-        return folds.mask_fn(load_image(self.paths.train_image(image_id)))
+        fn = folds.mask_fn(load_image(self.paths.train_image(image_id)))
+        if self.kept_bytes < self._budget:  # the last one kept may overshoot by one image's features
+            self._kept[image_id] = fn
+        return fn
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(fn.nbytes for fn in self._kept.values())
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.fold_of)

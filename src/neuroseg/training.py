@@ -87,7 +87,7 @@ def build_datasets(cfg: Config, paths: Paths, train: list[ImageRecord], val: lis
 
     sem = paths.semantic_dir if paths.semantic_dir.is_dir() else None
     common = dict(image_dir=paths.train_images, semantic_dir=sem, scale=cfg.data.train_scale,
-                  border_width=cfg.preprocess.border_width)
+                  border_width=cfg.preprocess.border_width, border_mode=cfg.preprocess.border)
     train_set = InstanceDataset(train, augment=cfg.data.augment, **common)
     val_set = InstanceDataset(val, augment=None, **common)
     if cfg.pseudo.enabled:
@@ -228,7 +228,7 @@ def train_fold(cfg: Config, paths: Paths, model_name: str, fold: int, force: boo
 
 def _fit_fold(cfg, paths, model_name, fold, config_hash, train_recs, val_recs, device, info,
               model_factory, on_epoch_end) -> dict[str, Any]:
-    from neuroseg.dataset import collate
+    from neuroseg.dataset import collate, model_data_config
 
     tc = getattr(cfg, model_name).train
     checkpoint.seed_everything(cfg.seed)  # same initial weights on every rank and every rerun
@@ -240,7 +240,7 @@ def _fit_fold(cfg, paths, model_name, fold, config_hash, train_recs, val_recs, d
         model = model_factory()
     if cfg.pretrain.enabled:  # before fit: the EMA starts from these weights; a resume replaces them
         pretrain.load_pretrained(model, cfg, paths, model_name)
-    train_set, val_set = build_datasets(cfg, paths, train_recs, val_recs, fold)
+    train_set, val_set = build_datasets(model_data_config(cfg, model_name), paths, train_recs, val_recs, fold)
     run = engine.FitRun(
         last_path=paths.last_checkpoint(model_name, fold), best_path=paths.best_checkpoint(model_name, fold),
         history_path=paths.history_csv(model_name, fold), config_hash=config_hash,

@@ -89,6 +89,10 @@ def _network(cfg: MaskRCNNConfig) -> MaskRCNN:
         box_detections_per_img=cfg.detections_per_image,
         **heads,
     )
+    # training images already come at the model's scale (data.train_scale, the scale augmentation,
+    # crop_size windows): torchvision would resize each to min_size, blowing a 256-px crop up 2x and
+    # undoing the scale augmentation. Inference still resizes to min_size / max_size.
+    net.transform._skip_resize = True
     if mask_layers[-1] != 256:  # torchvision sizes the predictor for 256 channels whatever the head
         net.roi_heads.mask_predictor = MaskRCNNPredictor(mask_layers[-1], mask_layers[-1], len(CELL_TYPES) + 1)
     _init_predictors(net)
@@ -132,6 +136,12 @@ class MaskRCNNModel(NeurosegModel):
         image_list, _ = self.net.transform(list(images))
         return image_list, self.net.backbone(image_list.tensors)
 
+    def box_features(self, images: torch.Tensor) -> tuple:
+        """The FPN features ``masks_for_boxes`` needs, to compute once and pass to several calls
+        (the ensemble's tuning asks an image's mask head for new boxes many times). Call under
+        ``torch.no_grad``."""
+        return self._features(images)
+
     def _detect(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         size = list(images.shape[-2:])
         image_list, features = self._features(images)
@@ -142,9 +152,10 @@ class MaskRCNNModel(NeurosegModel):
                 for d, s in zip(dets, image_list.image_sizes)]
 
     def masks_for_boxes(self, images: torch.Tensor, boxes: list[torch.Tensor],
-                        labels: list[torch.Tensor]) -> list[torch.Tensor]:
+                        labels: list[torch.Tensor], features: tuple | None = None) -> list[torch.Tensor]:
         """Mask head on given boxes (input coordinates) -> per image ``(N, 28, 28)`` probability of
-        the given label. Used by the ensemble on its fused boxes. Call under ``torch.no_grad``."""
+        the given label. Used by the ensemble on its fused boxes. ``features``: this model's
+        ``box_features(images)``, computed here when not given. Call under ``torch.no_grad``."""
         if len(boxes) != len(images) or len(labels) != len(images):
             raise ValueError(f"{len(images)} images but {len(boxes)} box and {len(labels)} label tensors")
         dev = images.device
@@ -152,7 +163,7 @@ class MaskRCNNModel(NeurosegModel):
         if sum(len(b) for b in boxes) == 0:
             return [images.new_zeros((0, m, m)) for _ in boxes]
         size = list(images.shape[-2:])
-        image_list, features = self._features(images)
+        image_list, features = features if features is not None else self._features(images)
         tboxes = [resize_boxes(b.to(dev).float().reshape(-1, 4), size, list(s))
                   for b, s in zip(boxes, image_list.image_sizes)]
         rh = self.net.roi_heads

@@ -29,7 +29,7 @@ ENCODER_HEAD_PREFIXES = ("fc.", "head.", "classifier.", "model.fc.", "model.head
 def probs_to_instances(
     probs: np.ndarray,
     interior_threshold: float = 0.5,
-    seed_threshold: float = 0.7,
+    seed_threshold: float = 0.5,
     min_area: int = 8,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(3, H, W)`` background/interior/border probabilities -> ``(label int32 (H,W), scores)``.
