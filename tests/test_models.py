@@ -221,6 +221,21 @@ def test_yolox_letterbox_keeps_boxes_on_their_pixels():
         assert x[0, 0, b[1] - 2, b[0]:b[2]].max() < 5  # just above: dark
 
 
+def test_yolox_letterbox_antialiases_when_it_shrinks():
+    """One-pixel stripes shrunk to 0.375x average to about mid gray (plain bilinear samples two
+    pixels per output and gives 42..212); enlarging is unchanged bilinear."""
+    model = tiny_model("yolox")
+    stripes = torch.zeros(1, 3, 256, 256)
+    stripes[..., ::2] = 1.0
+    x, *_ = model._letterbox(stripes, 96)
+    inner = x[..., 2:-2]  # the outer columns see the stripes' edge
+    assert torch.allclose(inner, torch.full_like(inner, 127.5), atol=10.0)
+    small = torch.rand(1, 3, 32, 32)
+    big, *_ = model._letterbox(small, 64)
+    torch.testing.assert_close(big, torch.nn.functional.interpolate(small * 255, size=(64, 64), mode="bilinear",
+                                                                   align_corners=False))
+
+
 def test_yolox_mosaic_moves_boxes_with_their_pixels():
     model = tiny_model("yolox", "yolox.mosaic_prob=1")
     torch.manual_seed(0)
