@@ -97,7 +97,8 @@ class CocoInstanceDataset(Dataset):
     """The images of a :class:`CocoIndex` (or ``subset`` of their positions) as training samples."""
 
     def __init__(self, index: CocoIndex, mapping: ClassMapping, augment: AugmentConfig | None = None,
-                 scale: float = 1.0, border_width: int = 2, border_mode: str = "outline", subset: Sequence[int] | None = None) -> None:
+                 scale: float = 1.0, border_width: int = 2, border_mode: str = "outline",
+                 subset: Sequence[int] | None = None) -> None:
         if scale <= 0:
             raise ValueError(f"scale must be > 0, got {scale}")
         self.index = index

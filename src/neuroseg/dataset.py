@@ -16,6 +16,7 @@ layers.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 from typing import Sequence
@@ -28,8 +29,6 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from neuroseg import rle
-import dataclasses
-
 from neuroseg.config import CELL_TYPES, AugmentConfig, Config
 from neuroseg.data import ImageRecord, load_image
 from neuroseg.semantic import semantic_target_from_indices

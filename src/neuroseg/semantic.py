@@ -42,7 +42,9 @@ def semantic_target_from_indices(
     h, w = int(shape[0]), int(shape[1])
     coverage = np.zeros((h, w), dtype=np.int32)
     border = np.zeros((h, w), dtype=bool)
-    near = np.zeros((h, w), dtype=np.int32)  # contact: how many cells' border_width-dilations cover a pixel
+    contact = mode == "contact"
+    # contact: how many cells' border_width-dilations cover a pixel
+    near = np.zeros((h, w), dtype=np.int32) if contact else None
     for idx in instances:
         idx = np.asarray(idx, dtype=np.int64)
         if idx.size == 0:
@@ -54,7 +56,7 @@ def semantic_target_from_indices(
         local = np.zeros((y1 - y0, x1 - x0), dtype=bool)
         local[ys - y0, xs - x0] = True
         coverage[y0:y1, x0:x1] += local
-        if border_width and mode == "contact":
+        if border_width and contact:
             near[y0:y1, x0:x1] += cv2.dilate(local.view(np.uint8), _SQUARE, iterations=border_width)
         elif border_width:
             # cv2 rather than scipy.ndimage: ~10x less overhead per call on thousands of small
@@ -65,7 +67,7 @@ def semantic_target_from_indices(
             border[y0:y1, x0:x1] |= local & ~inner
     target = np.zeros((h, w), dtype=np.uint8)
     target[coverage > 0] = INTERIOR
-    if mode == "contact":  # a cell pixel also within border_width of another cell
+    if contact:  # a cell pixel also within border_width of another cell
         border = (coverage > 0) & (near > 1)
     target[border | (coverage > 1)] = BORDER
     return target

@@ -132,19 +132,16 @@ class MaskRCNNModel(NeurosegModel):
             return self.net(list(images), tv_targets)
         return self._detect(images)
 
-    def _features(self, images: torch.Tensor):
+    def box_features(self, images: torch.Tensor) -> tuple:
+        """``(image list, FPN features)`` of ``images``: what detection and ``masks_for_boxes``
+        start from; computed once, it can be passed to several ``masks_for_boxes`` calls (the
+        ensemble's tuning asks an image's mask head for new boxes many times)."""
         image_list, _ = self.net.transform(list(images))
         return image_list, self.net.backbone(image_list.tensors)
 
-    def box_features(self, images: torch.Tensor) -> tuple:
-        """The FPN features ``masks_for_boxes`` needs, to compute once and pass to several calls
-        (the ensemble's tuning asks an image's mask head for new boxes many times). Call under
-        ``torch.no_grad``."""
-        return self._features(images)
-
     def _detect(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         size = list(images.shape[-2:])
-        image_list, features = self._features(images)
+        image_list, features = self.box_features(images)
         proposals, _ = self.net.rpn(image_list, features)
         dets, _ = self.net.roi_heads(features, proposals, image_list.image_sizes)
         return [{"boxes": resize_boxes(d["boxes"], list(s), size), "scores": d["scores"],
@@ -163,7 +160,7 @@ class MaskRCNNModel(NeurosegModel):
         if sum(len(b) for b in boxes) == 0:
             return [images.new_zeros((0, m, m)) for _ in boxes]
         size = list(images.shape[-2:])
-        image_list, features = features if features is not None else self._features(images)
+        image_list, features = features if features is not None else self.box_features(images)
         tboxes = [resize_boxes(b.to(dev).float().reshape(-1, 4), size, list(s))
                   for b, s in zip(boxes, image_list.image_sizes)]
         rh = self.net.roi_heads
