@@ -117,6 +117,36 @@ def test_upernet_weight_blends_the_mask_head_with_upernet():
     assert len(fuse(pred, params_with(upernet_weight=0.5), weak).scores) == len(CELLS)
 
 
+def test_upernet_instances_join_the_candidates():
+    # the detectors find the first three cells only; UPerNet sees all four
+    found = CELLS[:3]
+    pred = dataclasses.replace(image_pred("a", "cort"), yolox=[boxset(found, [0.9] * 3, 3)],
+                               maskrcnn=[boxset(found, [0.85] * 3, 3)],
+                               maskrcnn_mask_probs=[ellipse_mask_fn()(np.zeros((3, 4)), np.zeros(3))])
+    truth = [np.flatnonzero(ellipse_in(b)) for b in CELLS]
+    off = fuse(pred, params_with(score_threshold=0.1, upernet_instances=0.0), ellipse_mask_fn())
+    assert len(off.scores) == 3
+    on = fuse(pred, params_with(score_threshold=0.1, upernet_instances=0.5), ellipse_mask_fn())
+    assert (iou_matrix(truth, on.label).max(axis=1) > 0.9).all()  # the fourth cell is found too
+    # but UPerNet's duplicates of the three found cells, painted after the boxes' masks (lower
+    # scores), leave slivers where their ellipse differs from the mask head's: false positives
+    assert len(on.scores) > 4
+    clean = fuse(pred, params_with(score_threshold=0.1, upernet_instances=0.5, max_overlap=0.5), ellipse_mask_fn())
+    assert len(clean.scores) == 4  # max_overlap drops them
+    assert image_score(iou_matrix(truth, clean.label)) > image_score(iou_matrix(truth, on.label))
+    # its own instances are scored factor x mean interior probability (0.95 x 0.95 here)
+    fourth = clean.label[ellipse_in(CELLS[3])]
+    assert np.isclose(clean.scores[fourth[0] - 1], 0.5 * 0.95 * 0.95, rtol=1e-4)
+    # detectors weighted 0 for the type: UPerNet's instances alone, its own post-processing
+    alone = fuse(pred, params_with(yolox_weight=0.0, maskrcnn_weight=0.0, upernet_instances=1.0, min_area=0,
+                                   score_threshold=0.0), ellipse_mask_fn())
+    upernet = single_model(pred, "upernet", EnsembleParams.defaults())
+    assert np.array_equal(alone.label, upernet.label)
+    np.testing.assert_allclose(alone.scores, upernet.scores, rtol=1e-6)
+    none = fuse(pred, params_with(yolox_weight=0.0, maskrcnn_weight=0.0), ellipse_mask_fn())
+    assert len(none.scores) == 0  # no boxes and no UPerNet instances: nothing (as the tuning scores it)
+
+
 def test_single_models():
     pred = image_pred("a", "cort")
     truth = [np.flatnonzero(ellipse_in(b)) for b in CELLS]

@@ -46,6 +46,23 @@ def test_min_area_drops_and_frees_pixels_for_lower_scores():
     assert (label == 1).sum() == 6 and kept.tolist() == [0.5]
 
 
+def test_max_overlap_drops_duplicates_of_better_instances():
+    # a: 16 px; b: 16 px of which 8 lie in a (half covered); c: 4 px of which 1 lies in b
+    a, b, c = box(0, 4, 0, 4), box(2, 6, 0, 4), box(5, 7, 3, 5)
+    masks, scores = np.stack([a, b, c]), [0.9, 0.8, 0.7]
+    label, _, idx = instances.masks_to_label(masks, scores, max_overlap=0.4, return_kept=True)
+    # b is 8/16 = 0.5 covered > 0.4: dropped, its free half stays background; c is then untouched
+    assert idx.tolist() == [0, 2] and (label == 1).sum() == 16 and (label == 2).sum() == 4
+    assert (label[4:6, 0:3] == 0).all() and label[5, 3] == 2  # (5, 3) is c's
+    label, _, idx = instances.masks_to_label(masks, scores, max_overlap=0.5, return_kept=True)
+    # 0.5 is not above 0.5: b keeps its free 8 px; c is 1/4 covered by b, kept with 3 px
+    assert idx.tolist() == [0, 1, 2] and [(label == k).sum() for k in (1, 2, 3)] == [16, 8, 3]
+    label, _, idx = instances.masks_to_label(masks, scores, max_overlap=0.2, return_kept=True)
+    assert idx.tolist() == [0, 2]  # b dropped, so c is not covered at all
+    assert np.array_equal(instances.masks_to_label(masks, scores)[0],
+                          instances.masks_to_label(masks, scores, max_overlap=1.0)[0])
+
+
 def test_min_area_per_instance_and_fully_covered_instances():
     a, b, c = box(0, 2, 0, 2), box(3, 5, 3, 5), box(0, 1, 0, 1)  # c lies inside a
     label, kept, idx = instances.masks_to_label(np.stack([a, b, c]), [0.9, 0.8, 0.1], min_area=[1, 5, 0],

@@ -12,7 +12,7 @@ from neuroseg.config import CELL_TYPES
 from neuroseg.ensemble import EnsembleParams, fuse, single_model
 from neuroseg.instances import masks_to_label
 from neuroseg.metric import image_score, iou_matrix, iou_sparse
-from neuroseg.tuning import (coordinate_search, predictions_from_oof, score_table, tune_ensemble,
+from neuroseg.tuning import (CHEAP_EVALS_PER_TRIAL, coordinate_search, predictions_from_oof, score_table, tune_ensemble,
                              tune_vote_weights)
 
 FALSE_POSITIVES = [[26, 44, 34, 52], [44, 26, 52, 33]]  # background patches only YOLOX reports
@@ -44,6 +44,24 @@ def test_coordinate_search_finds_the_grid_optimum_and_never_loses():
     # a budget of one evaluation returns the start itself
     start = {"a": 0, "b": 2, "c": 5}
     assert coordinate_search(grids, start, f, 1, np.random.default_rng(0)) == (start, f(start), 1)
+
+
+def test_coordinate_search_spends_its_budget_on_the_costly_coordinates():
+    grids = {"a": [0, 1, 2, 3], "b": [0, 1, 2], "c": [5, 6]}
+    seen = []
+
+    def f(p):
+        seen.append(dict(p))
+        return -(p["a"] - 2) ** 2 - p["b"] ** 2 + p["c"]
+
+    start = {"a": 0, "b": 2, "c": 5}
+    best, value, n = coordinate_search(grids, start, f, 2, np.random.default_rng(0), costly=["a"], max_total=100)
+    # two settings of "a" (the start's and one more: 1, the first tried), the cheap ones free
+    assert {p["a"] for p in seen} == {0, 1}
+    assert best == {"a": 1, "b": 0, "c": 6} and value == 5 and n == len(seen)
+    seen.clear()
+    assert coordinate_search(grids, start, f, 2, np.random.default_rng(0), costly=["a"], max_total=3)[2] == 3
+    assert len(seen) == 3
 
 
 def test_vote_weights_follow_the_reliable_model():
@@ -78,7 +96,7 @@ def test_tuned_parameters_beat_the_defaults(tuned):
     for t in CELL_TYPES:
         assert s["ensemble"]["per_cell_type"][t] > s["ensemble_defaults"]["per_cell_type"][t]
     assert report["n_images"] == 6 and set(report["evaluations"]["ensemble"]) == set(CELL_TYPES)
-    assert all(n <= 25 for n in report["evaluations"]["ensemble"].values())
+    assert all(n <= CHEAP_EVALS_PER_TRIAL * 25 for n in report["evaluations"]["ensemble"].values())
 
 
 def test_fuse_reproduces_the_tuning_scores(tuned):

@@ -14,9 +14,12 @@ type (:class:`EnsembleParams`, tuned per type on the OOF cache by ``tuning.py``)
 3. **Masks** -- the Mask R-CNN mask head run on every fused box (``mask_fn``; YOLOX-only boxes get
    masks too), averaged with UPerNet's cell probability inside the box, thresholded. Everything is
    box-local (flat pixel lists of crops), never N full-size maps: an image holds up to ~800 cells.
-4. **Rescoring and overlap** -- score = box score x mean mask probability inside the mask; then
-   score threshold, highest score first painting with the minimum area
-   (``instances.masks_to_label``).
+4. **Rescoring and overlap** -- score = box score x mean mask probability inside the mask.
+   UPerNet's own watershed instances (its tuned post-processing) join as candidates scored
+   ``upernet_instances`` x their mean interior probability, when that factor is above 0: cells
+   no detector found, or found with a worse mask, can still come through. Then the score
+   threshold, and painting highest score first with the minimum area, dropping a candidate that
+   higher-scored ones already cover by more than ``max_overlap`` (``instances.masks_to_label``).
 
 :func:`single_model` is Mask R-CNN or UPerNet alone with its own tuned post-processing (for the
 fair "ensemble vs best single model" comparison, and ``--only`` inference).
@@ -160,6 +163,11 @@ class Candidates:
     def __len__(self) -> int:
         return len(self.scores)
 
+    @classmethod
+    def empty(cls) -> "Candidates":
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(1, np.int64),
+                   np.zeros(0, np.int32), None, None)
+
 
 def box_windows(boxes: np.ndarray, shape: tuple[int, int]) -> list[tuple[int, int, int, int]]:
     """Per box the window ``(y0, x0, y1, x1)`` of the pixels whose centre lies inside it."""
@@ -212,12 +220,31 @@ def build_candidates(boxes: np.ndarray, scores: np.ndarray, mask_probs: np.ndarr
                       cat(fp, np.float32) if fg is not None else None)
 
 
+Extra = tuple[list[np.ndarray], np.ndarray]
+"""Ready-made candidates beside the boxes': flat pixel lists and their final scores."""
+
+
 def resolve(c: Candidates, upernet_weight: float, mask_threshold: float, min_area: int,
-            score_threshold: float, shape: tuple[int, int], rescore: bool = True
-            ) -> tuple[np.ndarray, np.ndarray]:
+            score_threshold: float, shape: tuple[int, int], rescore: bool = True,
+            max_overlap: float = 1.0, extra: Extra | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Blend, threshold, rescore (box score x mean probability inside the mask, unless
-    ``rescore`` is False), drop scores below ``score_threshold``, paint highest first with
-    ``min_area`` -> ``(label int32, scores)``."""
+    ``rescore`` is False), add the ``extra`` candidates, drop scores below ``score_threshold``,
+    paint highest first with ``min_area`` and ``max_overlap`` -> ``(label int32, scores)``."""
+    groups, scores = _box_masks(c, upernet_weight, mask_threshold, rescore)
+    if extra is not None:
+        groups, scores = groups + list(extra[0]), np.concatenate([scores, np.asarray(extra[1], np.float64)])
+    idx = np.flatnonzero(scores >= score_threshold)
+    if not idx.size:
+        return np.zeros(shape, np.int32), np.zeros(0, np.float32)
+    return masks_to_label([groups[i] for i in idx], scores[idx], min_area=min_area, shape=shape,
+                          max_overlap=max_overlap)
+
+
+def _box_masks(c: Candidates, upernet_weight: float, mask_threshold: float, rescore: bool
+               ) -> tuple[list[np.ndarray], np.ndarray]:
+    """The boxes' thresholded masks (non-empty ones) as pixel lists, with their scores."""
+    if not len(c):
+        return [], np.zeros(0)
     if c.mask_prob is None:
         p = c.fg_prob.astype(np.float32)
     elif c.fg_prob is None:
@@ -231,13 +258,9 @@ def resolve(c: Candidates, upernet_weight: float, mask_threshold: float, min_are
     area = np.bincount(owner[inside], minlength=n)
     mass = np.bincount(owner[inside], weights=p[inside], minlength=n)
     scores = c.scores * np.divide(mass, area, out=np.zeros(n), where=area > 0) if rescore else c.scores
-    keep = (area > 0) & (scores >= score_threshold)
-    if not keep.any():
-        return np.zeros(shape, np.int32), np.zeros(0, np.float32)
-    pix = c.pix[inside]
-    groups = np.split(pix, np.cumsum(area)[:-1])  # owner order is preserved by boolean indexing
-    idx = np.flatnonzero(keep)
-    return masks_to_label([groups[i] for i in idx], scores[idx], min_area=min_area, shape=shape)
+    groups = np.split(c.pix[inside], np.cumsum(area)[:-1])  # owner order is kept by boolean indexing
+    keep = np.flatnonzero(area > 0)
+    return [groups[i] for i in keep], np.asarray(scores, np.float64)[keep]
 
 
 # ---- the API ----
@@ -252,6 +275,23 @@ def upernet_fg(pred: ImagePredictions) -> np.ndarray | None:
     if pred.upernet_probs is None:
         return None
     return 1.0 - np.asarray(pred.upernet_probs[0], dtype=np.float32)
+
+
+def label_pixels(label: np.ndarray) -> list[np.ndarray]:
+    """Flat pixel indices of instances 1..K of a label image (ascending within each)."""
+    flat = label.ravel()
+    order = np.argsort(flat, kind="stable")
+    counts = np.bincount(flat, minlength=int(flat.max(initial=0)) + 1)
+    return np.split(order[counts[0]:].astype(np.int32), np.cumsum(counts[1:])[:-1]) if len(counts) > 1 else []
+
+
+def upernet_candidates(pred: ImagePredictions, up: UPerNetParams, factor: float) -> Extra | None:
+    """UPerNet's own instances (``upernet_alone`` with ``up``) as ensemble candidates scored
+    ``factor`` x their score; None without UPerNet or with ``factor`` 0."""
+    if pred.upernet_probs is None or factor <= 0:
+        return None
+    label, scores = upernet_alone(pred.upernet_probs, up)
+    return label_pixels(label), factor * scores.astype(np.float64)
 
 
 def ensemble_candidates(pred: ImagePredictions, tp: TypeParams, cell_type: str, mask_fn: MaskFn | None,
@@ -276,16 +316,22 @@ def ensemble_candidates(pred: ImagePredictions, tp: TypeParams, cell_type: str, 
 
 def fuse(pred: ImagePredictions, params: EnsembleParams, mask_fn: MaskFn | None = None) -> FusedResult:
     """The ensemble's label image for one image (see the module docstring). Without detector
-    boxes (no YOLOX/Mask R-CNN, or weight 0) it is UPerNet alone; without ``mask_fn`` the masks
-    come from UPerNet inside the fused boxes."""
+    predictions it is UPerNet alone; with both detectors weighted 0 for the image's type, only
+    UPerNet's instances as candidates; without ``mask_fn`` the masks come from UPerNet inside the
+    fused boxes."""
     cell_type = vote_cell_type(type_votes(pred), params.vote_weights)
     tp = params.ensemble[cell_type]
-    if not _box_models_used(pred, tp):
+    if not any(getattr(pred, m) for m in BOX_MODELS):  # no detector ran: UPerNet alone
         if pred.upernet_probs is None:
             raise ValueError(f"image {pred.image_id}: no detector boxes and no UPerNet probabilities")
         return single_model(pred, "upernet", params)
-    c = ensemble_candidates(pred, tp, cell_type, mask_fn, min_box_score=tp.score_threshold)
-    label, scores = resolve(c, tp.upernet_weight, tp.mask_threshold, tp.min_area, tp.score_threshold, pred.shape)
+    extra = upernet_candidates(pred, params.upernet[cell_type], tp.upernet_instances)
+    if _box_models_used(pred, tp):
+        c = ensemble_candidates(pred, tp, cell_type, mask_fn, min_box_score=tp.score_threshold)
+    else:  # the detectors weighted 0 for this type: only UPerNet's instances (if upernet_instances > 0)
+        c = Candidates.empty()
+    label, scores = resolve(c, tp.upernet_weight, tp.mask_threshold, tp.min_area, tp.score_threshold, pred.shape,
+                            max_overlap=tp.max_overlap, extra=extra)
     return FusedResult(label, scores, cell_type)
 
 

@@ -28,6 +28,8 @@ class TypeParams:
     mask_threshold: float = 0.5
     score_threshold: float = 0.3  # on the rescored score
     min_area: int = 10  # px, after overlap resolution
+    max_overlap: float = 1.0  # drop a candidate when higher-scored ones hold more of it (1: never)
+    upernet_instances: float = 0.0  # score factor of UPerNet's own instances as candidates (0: none)
 
 
 @dataclass

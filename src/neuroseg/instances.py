@@ -47,6 +47,7 @@ def masks_to_label(
     min_area: int | np.ndarray | Sequence[int] = 0,
     shape: tuple[int, int] | None = None,
     return_kept: bool = False,
+    max_overlap: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Resolve overlapping candidate masks into a label image, highest score first.
 
@@ -55,7 +56,9 @@ def masks_to_label(
     ``scores (N,)``; ``min_area``: one int or one per instance (input order).
 
     Instances are visited in descending score (ties: input order). Each takes the pixels no kept
-    instance has taken yet; if none or fewer than its ``min_area`` remain it is dropped and its
+    instance has taken yet; if none or fewer than its ``min_area`` remain, or kept instances
+    already hold more than ``max_overlap`` of its pixels (a duplicate of a better-scored cell,
+    whose leftover sliver would only be a false positive; 1.0 = never), it is dropped and its
     pixels stay free for lower-scored instances. Kept instances are numbered 1..K in order. Returns
     ``(label int32 (H, W), kept_scores float32 (K,))``, plus the kept instances' input indices
     ``int64 (K,)`` when ``return_kept`` (to carry boxes or classes along).
@@ -78,7 +81,7 @@ def masks_to_label(
         if idx.size and (idx.min() < 0 or idx.max() >= h * w):
             raise ValueError(f"mask {i}: pixel index outside the {h}x{w} image")
         free = idx[~taken[idx]]
-        if free.size == 0 or free.size < min_areas[i]:
+        if free.size == 0 or free.size < min_areas[i] or idx.size - free.size > max_overlap * idx.size:
             continue
         taken[free] = True
         kept.append(int(i))

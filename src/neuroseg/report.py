@@ -293,14 +293,26 @@ def format_report(params: EnsembleParams, report: dict[str, Any], figures: list[
     if best_single and "ensemble" in summary:
         gain = summary["ensemble"]["overall"] - summary[best_single]["overall"]
         lines += ["", f"Ensemble vs best single model ({best_single}): {gain:+.4f}."]
+        per_type = []
+        for t in types:
+            singles = {m: summary[m]["per_cell_type"][t] for m in ("maskrcnn", "upernet")
+                       if t in summary.get(m, {}).get("per_cell_type", {})}
+            if singles and t in summary["ensemble"]["per_cell_type"]:
+                m = max(singles, key=singles.get)
+                per_type.append(f"{t} {summary['ensemble']['per_cell_type'][t] - singles[m]:+.4f} (vs {m})")
+        if per_type:
+            lines += [f"Per cell type, vs that type's best single model: {', '.join(per_type)}."]
     lines += ["", "Cell-type vote accuracy: " + ", ".join(f"{m} {a:.3f}" for m, a in report["vote_accuracy"].items()),
               f"(vote weights {params.vote_weights}).", "", "## Tuned parameters (per voted cell type)", "",
-              "| type | yolox w | maskrcnn w | WBF IoU | WBF skip | UPerNet w | mask thr | score thr | min area |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| type | yolox w | maskrcnn w | WBF IoU | WBF skip | UPerNet w | mask thr | score thr | min area "
+              "| max overlap | UPerNet instances |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t, p in params.ensemble.items():
         lines.append(f"| {t} | {p.yolox_weight} | {p.maskrcnn_weight} | {p.wbf_iou} | {p.wbf_skip} | "
-                     f"{p.upernet_weight} | {p.mask_threshold} | {p.score_threshold} | {p.min_area} |")
-    lines += ["", f"Evaluations used (max {report.get('max_evaluations', '?')} per type): {report['evaluations']}", ""]
+                     f"{p.upernet_weight} | {p.mask_threshold} | {p.score_threshold} | {p.min_area} | "
+                     f"{p.max_overlap} | {p.upernet_instances} |")
+    lines += ["", f"Evaluations used per type (at most {report.get('max_evaluations', '?')}; for the ensemble, at most "
+              f"that many box-fusion settings): {report['evaluations']}", ""]
     lines += ["## Figures", "", "Overlays: ground truth outlines green, ensemble outlines red.", ""]
     for f in figures:
         lines += [f"{captions.get(f.name, f.stem)}:", "", f"![{f.stem}]({f.name})", ""]

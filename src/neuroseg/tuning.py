@@ -5,7 +5,8 @@ How it stays cheap (TheoViel's trick of scoring from precomputed IoUs, taken one
 
 * Parameters are split by cost. *Expensive* ones are searched by a seeded coordinate search
   (:func:`coordinate_search`, at most ``ensemble.tune_trials`` evaluations per cell type and
-  method); the *free* ones (score threshold, and UPerNet's minimum area) are searched
+  method -- for the ensemble, at most that many box-fusion settings, the costly part, and
+  ``CHEAP_EVALS_PER_TRIAL`` times as many evaluations in all); the *free* ones (score threshold, and UPerNet's minimum area) are searched
   exhaustively inside every evaluation, because dropping the lowest-scored instances of a label
   image changes no other instance: one IoU matrix per image scores the whole free grid.
 * The ensemble's fused boxes and mask-head outputs depend only on the box-fusion setting
@@ -41,12 +42,15 @@ log = logging.getLogger("neuroseg")
 
 # Expensive coordinates (each value needs new masks). ``model_weights`` = (yolox, maskrcnn).
 ENSEMBLE_GRID: dict[str, list] = {
-    "model_weights": [(1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (1.0, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, 1.0)],
+    "model_weights": [(1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (1.0, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, 1.0),
+                      (0.0, 0.0)],  # no boxes: UPerNet's instances alone (if upernet_instances > 0)
     "wbf_iou": [0.4, 0.5, 0.55, 0.6, 0.7],
     "wbf_skip": [0.01, 0.05, 0.1, 0.2, 0.3],
-    "upernet_weight": [0.0, 0.15, 0.3, 0.5, 0.7],
+    "upernet_weight": [0.0, 0.15, 0.3, 0.5, 0.7, 1.0],
     "mask_threshold": [0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7],
-    "min_area": [0, 10, 20, 40, 80],
+    "min_area": [0, 10, 20, 40, 80, 120, 160, 240],  # px: cort ~220, astro ~1200 on average
+    "max_overlap": [0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0],
+    "upernet_instances": [0.0, 0.25, 0.5, 0.75, 1.0, 1.5],
 }
 MASKRCNN_GRID: dict[str, list] = {"mask_threshold": ENSEMBLE_GRID["mask_threshold"],
                                   "min_area": ENSEMBLE_GRID["min_area"]}
@@ -54,9 +58,10 @@ UPERNET_GRID: dict[str, list] = {"interior_threshold": [0.2, 0.3, 0.4, 0.5, 0.6,
                                  "seed_threshold": [0.1, 0.2, 0.3, 0.5, 0.7, 0.9]}
 # Free coordinates, searched exhaustively per evaluation.
 SCORE_GRID: list[float] = [round(float(s), 2) for s in np.arange(0.0, 0.91, 0.05)]
-UPERNET_MIN_AREA_GRID: list[int] = [0, 8, 20, 40, 80]
+UPERNET_MIN_AREA_GRID: list[int] = [0, 8, 20, 40, 80, 120, 160, 240]
 VOTE_GRID: list[float] = [0.0, 0.5, 1.0, 2.0]
 CANDIDATE_CACHE = 2  # box-fusion settings kept in memory at once (each holds every image's crops)
+CHEAP_EVALS_PER_TRIAL = 6  # the ensemble's evaluations in all, per box-fusion setting allowed
 
 
 @dataclass(frozen=True)
@@ -121,29 +126,45 @@ def _score_keep(scores: np.ndarray, grid: Sequence[float]) -> np.ndarray:
 # ---- the search ----
 
 def coordinate_search(grids: dict[str, Sequence], start: dict[str, Any], objective: Callable[[dict], float],
-                      max_evals: int, rng: np.random.Generator) -> tuple[dict[str, Any], float, int]:
+                      max_evals: int, rng: np.random.Generator, costly: Sequence[str] | None = None,
+                      max_total: int | None = None) -> tuple[dict[str, Any], float, int]:
     """Maximise ``objective`` one coordinate at a time, each over its whole grid, coordinates in a
     seeded random order per round; a change is kept only if strictly better, so the result is never
     worse than ``start``. Stops after a round without improvement or ``max_evals`` distinct points.
+
+    With ``costly`` (names of the coordinates that make an evaluation expensive), ``max_evals``
+    bounds the distinct settings of those alone: a point that would need one more is skipped once
+    they are spent, while points that reuse a setting go on, up to ``max_total`` evaluations.
     Returns ``(best, best_value, evaluations)``."""
     names = list(grids)
     memo: dict[tuple, float] = {}
+    costly_names = list(names if costly is None else costly)
+    settings: set[tuple] = set()
+    max_total = max_evals if max_total is None else max_total
+
+    def affordable(p: dict[str, Any]) -> bool:
+        key = tuple(p[n] for n in names)
+        if key in memo:
+            return True
+        return len(memo) < max_total and (tuple(p[n] for n in costly_names) in settings
+                                          or len(settings) < max_evals)
 
     def f(p: dict[str, Any]) -> float:
         key = tuple(p[n] for n in names)
         if key not in memo:
             memo[key] = objective(p)
+            settings.add(tuple(p[n] for n in costly_names))
         return memo[key]
 
     best, best_value = dict(start), f(start)
     improved = True
-    while improved and len(memo) < max_evals:
+    while improved and len(memo) < max_total:
         improved = False
         for name in rng.permutation(names):
             for value in grids[name]:
-                if len(memo) >= max_evals:
-                    break
                 cand = {**best, name: value}
+                if not affordable(cand):
+                    continue
                 v = f(cand)
                 if v > best_value + 1e-12:
                     best, best_value, improved = cand, v, True
@@ -202,23 +223,37 @@ class _Tuner:
 class _EnsembleTuner(_Tuner):
     BOX_KEYS = ("model_weights", "wbf_iou", "wbf_skip")
 
-    def __init__(self, ids, truth, get_pred, mask_fns, cell_type: str, prune: float) -> None:
+    def __init__(self, ids, truth, get_pred, mask_fns, cell_type: str, prune: float,
+                 upernet: UPerNetParams | None = None) -> None:
         super().__init__(ids, truth)
         self.get_pred, self.mask_fns, self.cell_type = get_pred, mask_fns, cell_type
         self.prune = prune  # the lowest mask threshold searched (see ensemble.build_candidates)
+        self.upernet = upernet  # UPerNet's post-processing for its instances as candidates (None: off)
         self.cands = _LRU(CANDIDATE_CACHE, self._candidates)
         self._masks: dict[str, list[dict[bytes, np.ndarray]]] = {}
+        self._upernet_instances: dict[str, ens.Extra | None] = {}
 
     @staticmethod
     def params(p: dict[str, Any], score_threshold: float) -> TypeParams:
         (wy, wm) = p["model_weights"]
         return TypeParams(yolox_weight=wy, maskrcnn_weight=wm, wbf_iou=p["wbf_iou"], wbf_skip=p["wbf_skip"],
                           upernet_weight=p["upernet_weight"], mask_threshold=p["mask_threshold"],
-                          score_threshold=score_threshold, min_area=int(p["min_area"]))
+                          score_threshold=score_threshold, min_area=int(p["min_area"]),
+                          max_overlap=float(p["max_overlap"]), upernet_instances=float(p["upernet_instances"]))
+
+    def _extra(self, image_id: str, factor: float) -> ens.Extra | None:
+        """UPerNet's instances of the image scored ``factor`` x theirs (the watershed once per image)."""
+        if self.upernet is None or factor <= 0:
+            return None
+        if image_id not in self._upernet_instances:
+            self._upernet_instances[image_id] = ens.upernet_candidates(self.get_pred(image_id), self.upernet, 1.0)
+        extra = self._upernet_instances[image_id]
+        return None if extra is None else (extra[0], factor * extra[1])
 
     def _candidates(self, box_key: tuple) -> dict[str, ens.Candidates]:
         tp = self.params(dict(zip(self.BOX_KEYS, box_key)) | {"upernet_weight": 0.0, "mask_threshold": 0.5,
-                                                               "min_area": 0}, 0.0)
+                                                               "min_area": 0, "max_overlap": 1.0,
+                                                               "upernet_instances": 0.0}, 0.0)
         out = {}
         for i in tqdm(self.ids, desc=f"ensemble {self.cell_type} boxes {box_key}", leave=False, disable=None):
             fn = self.mask_fns.get(i) if self.mask_fns is not None else None
@@ -252,7 +287,9 @@ class _EnsembleTuner(_Tuner):
     def image_row(self, image_id: str, p: dict[str, Any]) -> np.ndarray:
         c = self.cands.get_or_make(tuple(p[k] for k in self.BOX_KEYS))[image_id]
         shape = self.truth[image_id].shape
-        label, scores = ens.resolve(c, p["upernet_weight"], p["mask_threshold"], int(p["min_area"]), 0.0, shape)
+        label, scores = ens.resolve(c, p["upernet_weight"], p["mask_threshold"], int(p["min_area"]), 0.0, shape,
+                                    max_overlap=float(p["max_overlap"]),
+                                    extra=self._extra(image_id, float(p["upernet_instances"])))
         return score_table(iou_sparse(self.truth[image_id].indices, label), _score_keep(scores, self.free_grid))
 
 
@@ -291,12 +328,14 @@ class _UPerNetTuner(_Tuner):
         return score_table(iou_sparse(self.truth[image_id].indices, label), keep)
 
 
-def _tune(tuner: _Tuner, grid: dict[str, list], start: dict[str, Any], cfg: Config, salt: int, what: str
-          ) -> tuple[dict[str, Any], int, np.ndarray, int]:
+def _tune(tuner: _Tuner, grid: dict[str, list], start: dict[str, Any], cfg: Config, salt: int, what: str,
+          costly: Sequence[str] | None = None) -> tuple[dict[str, Any], int, np.ndarray, int]:
     """-> (best expensive params, best free index, per-image scores at the best, evaluations)."""
     grid = {k: _with(v, start[k]) for k, v in grid.items()}
     rng = np.random.default_rng([cfg.ensemble.tune_seed, salt])
-    best, value, n = coordinate_search(grid, start, tuner.objective, cfg.ensemble.tune_trials, rng)
+    trials = cfg.ensemble.tune_trials
+    best, value, n = coordinate_search(grid, start, tuner.objective, trials, rng, costly,
+                                       None if costly is None else CHEAP_EVALS_PER_TRIAL * trials)
     j = tuner.best_free(best)
     log.info("%s: %.4f after %d evaluations (%d images)", what, value, n, len(tuner.ids))
     return best, j, tuner.table(best)[:, j], n
@@ -412,7 +451,8 @@ def _tune_fusion(params: EnsembleParams, ids: list[str], votes, truth, get_pred,
                  ) -> None:
     """Per voted cell type: the ensemble's TypeParams (defaults scored too, for the report)."""
     weights = [w for w in ENSEMBLE_GRID["model_weights"]
-               if ("yolox" in models or w[0] == 0) and ("maskrcnn" in models or w[1] == 0) and sum(w) > 0]
+               if ("yolox" in models or w[0] == 0) and ("maskrcnn" in models or w[1] == 0)
+               and (sum(w) > 0 or "upernet" in models)]
     tuned, defaults = {}, {}
     report["evaluations"]["ensemble"] = {}
     for t, d in params.ensemble.items():  # a model not tuned with must not vote at test time either
@@ -425,15 +465,19 @@ def _tune_fusion(params: EnsembleParams, ids: list[str], votes, truth, get_pred,
         d = params.ensemble[t]
         start = {"model_weights": (d.yolox_weight, d.maskrcnn_weight),
                  "wbf_iou": d.wbf_iou, "wbf_skip": d.wbf_skip, "upernet_weight": d.upernet_weight,
-                 "mask_threshold": d.mask_threshold, "min_area": d.min_area}
+                 "mask_threshold": d.mask_threshold, "min_area": d.min_area, "max_overlap": d.max_overlap,
+                 "upernet_instances": d.upernet_instances}
         grid = dict(ENSEMBLE_GRID, model_weights=weights)
         if "upernet" not in models or mask_fns is None:  # the blend weight then changes nothing
             grid["upernet_weight"] = [d.upernet_weight]
+        if "upernet" not in models:
+            grid["upernet_instances"] = [0.0]
         prune = min(grid["mask_threshold"] + [d.mask_threshold])
-        tuner = _EnsembleTuner(group, truth, get_pred, mask_fns, t, prune)
+        tuner = _EnsembleTuner(group, truth, get_pred, mask_fns, t, prune,
+                               params.upernet[t] if "upernet" in models else None)
         tuner.free_grid = _with(SCORE_GRID, d.score_threshold)
         defaults.update(zip(group, tuner.table(start)[:, tuner.free_grid.index(d.score_threshold)].tolist()))
-        best, j, scores, n = _tune(tuner, grid, start, cfg, 30 + k, f"ensemble {t}")
+        best, j, scores, n = _tune(tuner, grid, start, cfg, 30 + k, f"ensemble {t}", costly=_EnsembleTuner.BOX_KEYS)
         params.ensemble[t] = _EnsembleTuner.params(best, tuner.free_grid[j])
         tuned.update(zip(group, scores.tolist()))
         report["evaluations"]["ensemble"][t] = n
