@@ -6,9 +6,10 @@ How it stays cheap (TheoViel's trick of scoring from precomputed IoUs, taken one
 * Parameters are split by cost. *Expensive* ones are searched by a seeded coordinate search
   (:func:`coordinate_search`, at most ``ensemble.tune_trials`` evaluations per cell type and
   method -- for the ensemble, at most that many box-fusion settings, the costly part, and
-  ``CHEAP_EVALS_PER_TRIAL`` times as many evaluations in all); the *free* ones (score threshold, and UPerNet's minimum area) are searched
-  exhaustively inside every evaluation, because dropping the lowest-scored instances of a label
-  image changes no other instance: one IoU matrix per image scores the whole free grid.
+  ``CHEAP_EVALS_PER_TRIAL`` times as many evaluations in all); the *free* ones (score
+  threshold, and UPerNet's minimum area) are searched exhaustively inside every evaluation,
+  because dropping the lowest-scored instances of a label image changes no other instance: one
+  IoU matrix per image scores the whole free grid.
 * The ensemble's fused boxes and mask-head outputs depend only on the box-fusion setting
   (model weights, WBF IoU and skip threshold): they are cached per setting (:class:`_LRU`) and the
   mask blending/thresholding/painting reruns on the cached crops. A new setting asks the mask
