@@ -157,6 +157,10 @@ def test_run_ensemble_writes_params_report_and_skips_when_fresh(tmp_path, tuned)
     assert load_params(paths) == EnsembleParams.from_json(stored["params"])  # what 06 reads
     report = paths.ensemble_report.read_text()
     assert "| ensemble |" in report and paths.ensemble_figure("scores").is_file()
+    s = stored["scores"]  # UPerNet is the only single model here
+    gains = ", ".join(f"{t} {s['ensemble']['per_cell_type'][t] - s['upernet']['per_cell_type'][t]:+.4f} (vs upernet)"
+                      for t in CELL_TYPES)
+    assert f"Per cell type, vs that type's best single model: {gains}." in report
     assert paths.ensemble_figure("overlay_astro").is_file()
     assert len(np.genfromtxt(paths.ensemble_oof_scores, delimiter=",", skip_header=1)) == 6
     # a second run with nothing changed does nothing; a changed setting or --force redoes it
