@@ -12,8 +12,8 @@ from neuroseg.config import CELL_TYPES
 from neuroseg.ensemble import EnsembleParams, fuse, single_model
 from neuroseg.instances import masks_to_label
 from neuroseg.metric import image_score, iou_matrix, iou_sparse
-from neuroseg.tuning import (CHEAP_EVALS_PER_TRIAL, coordinate_search, predictions_from_oof, score_table, tune_ensemble,
-                             tune_vote_weights)
+from neuroseg.tuning import (CHEAP_EVALS_PER_TRIAL, coordinate_search, predictions_from_oof, score_table,
+                             tune_ensemble, tune_vote_weights)
 
 FALSE_POSITIVES = [[26, 44, 34, 52], [44, 26, 52, 33]]  # background patches only YOLOX reports
 
