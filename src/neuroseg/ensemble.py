@@ -35,7 +35,7 @@ from neuroseg.box_masks import paste_local
 from neuroseg.config import CELL_TYPES
 from neuroseg.ensemble_params import (VOTE_MODELS, EnsembleParams, MaskRCNNParams, TypeParams,  # noqa: F401
                                       UPerNetParams)
-from neuroseg.instances import masks_to_label, relabel
+from neuroseg.instances import label_to_indices, masks_to_label, relabel
 
 MASK_SIZE = 28
 BOX_MODELS: tuple[str, ...] = ("yolox", "maskrcnn")
@@ -277,21 +277,13 @@ def upernet_fg(pred: ImagePredictions) -> np.ndarray | None:
     return 1.0 - np.asarray(pred.upernet_probs[0], dtype=np.float32)
 
 
-def label_pixels(label: np.ndarray) -> list[np.ndarray]:
-    """Flat pixel indices of instances 1..K of a label image (ascending within each)."""
-    flat = label.ravel()
-    order = np.argsort(flat, kind="stable")
-    counts = np.bincount(flat, minlength=int(flat.max(initial=0)) + 1)
-    return np.split(order[counts[0]:].astype(np.int32), np.cumsum(counts[1:])[:-1]) if len(counts) > 1 else []
-
-
 def upernet_candidates(pred: ImagePredictions, up: UPerNetParams, factor: float) -> Extra | None:
     """UPerNet's own instances (``upernet_alone`` with ``up``) as ensemble candidates scored
     ``factor`` x their score; None without UPerNet or with ``factor`` 0."""
     if pred.upernet_probs is None or factor <= 0:
         return None
-    label, scores = upernet_alone(pred.upernet_probs, up)
-    return label_pixels(label), factor * scores.astype(np.float64)
+    label, scores = upernet_alone(pred.upernet_probs, up)  # numbered 1..K, no gaps: lists align with scores
+    return label_to_indices(label), factor * scores.astype(np.float64)
 
 
 def ensemble_candidates(pred: ImagePredictions, tp: TypeParams, cell_type: str, mask_fn: MaskFn | None,
