@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run_all(image: np.ndarray, stats: dict) -> None:
         pred = full.predict_image(image)
-        res = ensemble.fuse(pred, params, full.mask_fn(image))
+        res = ensemble.fuse(ensemble.add_image_vote(pred, image, params), params, full.mask_fn(image))
         label_to_rles(res.label)
         stats["boxes"].append([len(b) for b in pred.yolox + pred.maskrcnn])
         stats["instances"].append(int(res.label.max()))

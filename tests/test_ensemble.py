@@ -89,6 +89,25 @@ def test_cell_type_vote():
     assert vote_cell_type(type_votes(ImagePredictions("b", H, W, yolox=[mixed])), {"yolox": 1.0}) == "shsy5y"
 
 
+def test_the_image_classifier_votes_when_params_carry_one():
+    from neuroseg.celltype import CellTypeClassifier, feature_names
+    from neuroseg.ensemble import add_image_vote
+
+    pred = image_pred("a", "astro")  # every model says astro
+    image = np.full((H, W), 90, np.uint8)
+    params = EnsembleParams.defaults()
+    assert add_image_vote(pred, image, params).image_cell_type_probs is None and "image" not in type_votes(pred)
+    n = len(feature_names())  # a classifier that says cort whatever the image
+    params.cell_type_classifier = CellTypeClassifier(np.zeros(n), np.ones(n), np.zeros((3, n)),
+                                                     np.array([0.0, 0.0, 5.0]))
+    add_image_vote(pred, image, params)
+    np.testing.assert_allclose(type_votes(pred)["image"], params.cell_type_classifier.predict_proba(np.zeros(n)))
+    assert fuse(pred, params, ellipse_mask_fn()).cell_type == "astro"  # 3 models outvote it...
+    params.vote_weights["image"] = 4.0
+    assert fuse(pred, params, ellipse_mask_fn()).cell_type == "cort"  # ... unless it weighs more
+    assert single_model(pred, "upernet", params).cell_type == "astro"  # a model alone keeps its own vote
+
+
 def test_per_type_parameters_follow_the_voted_type():
     params = EnsembleParams.defaults()
     params.ensemble["astro"] = dataclasses.replace(params.ensemble["astro"], score_threshold=2.0)  # drop all
@@ -176,6 +195,26 @@ def test_params_json_round_trip_and_errors():
         EnsembleParams.from_json(bad)
     with pytest.raises(ValueError, match="cell types"):
         EnsembleParams.from_json({**p.to_json(), "upernet": {}})
+    with pytest.raises(ValueError, match="unknown voter"):
+        EnsembleParams.from_json({**p.to_json(), "vote_weights": {"yolo": 1.0}})
+    # a params.json from before the cell-type classifier: it loads, and the classifier has no vote
+    old = p.to_json()
+    del old["cell_type_classifier"], old["vote_weights"]["image"]
+    back = EnsembleParams.from_json(old)
+    assert back.cell_type_classifier is None and back.vote_weights["image"] == 0.0
+
+
+def test_params_json_carries_the_cell_type_classifier():
+    import json
+
+    from neuroseg.celltype import CellTypeClassifier
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(9, 37)) + np.repeat(np.eye(3), 3, axis=0).repeat(13, axis=1)[:, :37]
+    p = EnsembleParams.defaults()
+    p.cell_type_classifier = CellTypeClassifier.fit(X, [t for t in CELL_TYPES for _ in range(3)])
+    back = EnsembleParams.from_json(json.loads(json.dumps(p.to_json())))
+    np.testing.assert_allclose(back.cell_type_classifier.predict_proba(X), p.cell_type_classifier.predict_proba(X))
 
 
 def test_boxfusion_equals_ensemble_boxes():

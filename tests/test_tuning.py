@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ensemble_toys import H, W, as_oof, ellipse_mask_fn, image_pred, truth_of
+from ensemble_toys import H, W, as_oof, ellipse_mask_fn, image_pred, truth_of, type_probs
 from neuroseg import config
 from neuroseg.config import CELL_TYPES
 from neuroseg.ensemble import EnsembleParams, fuse, single_model
@@ -71,6 +71,27 @@ def test_vote_weights_follow_the_reliable_model():
              for k in range(3)}
     weights, acc = tune_vote_weights(votes, truth, {"yolox": 1.0, "maskrcnn": 1.0, "upernet": 1.0})
     assert acc == 1.0 and weights["yolox"] > weights["upernet"]
+
+
+def test_the_image_classifier_joins_the_vote_and_single_models_keep_theirs(tuned):
+    oof, truth, _, _, _ = tuned
+    ids = sorted(truth)
+    # every model calls every image cort; the classifier is right but for one image
+    wrong = {m: {i: dict(oof[m][i]) for i in ids} for m in ("yolox", "upernet")}
+    for i in ids:
+        wrong["yolox"][i]["labels"] = np.full_like(wrong["yolox"][i]["labels"], CELL_TYPES.index("cort") + 1)
+        wrong["upernet"][i]["cell_type_probs"] = type_probs("cort").astype(np.float16)
+    image = {i: type_probs(truth[i].cell_type, 0.6) for i in ids}
+    image[ids[0]] = type_probs("cort", 0.6)
+    cfg = config.from_dict({"ensemble": {"tune_trials": 2}})
+    params, report = tune_ensemble(wrong, truth, cfg, None, image)
+    acc = report["vote_accuracy"]
+    assert acc["image"] == pytest.approx(5 / 6) and acc["ensemble"] == pytest.approx(5 / 6)
+    assert acc["upernet"] == pytest.approx(2 / 6)  # its own vote: right on the two cort images only
+    assert params.vote_weights["image"] > 0 and params.vote_weights["maskrcnn"] == 0.0
+    # without the classifier nobody votes it, and the ensemble types as badly as the models
+    params, report = tune_ensemble(wrong, truth, cfg, None)
+    assert params.vote_weights["image"] == 0.0 and report["vote_accuracy"]["ensemble"] == pytest.approx(2 / 6)
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +176,7 @@ def test_run_ensemble_writes_params_report_and_skips_when_fresh(tmp_path, tuned)
     assert stored["n_images"] == 6 and stored["models"] == ["yolox", "upernet"]
     assert set(stored["scores"]) == {"upernet", "ensemble", "ensemble_defaults"}
     assert load_params(paths) == EnsembleParams.from_json(stored["params"])  # what 06 reads
+    assert load_params(paths).cell_type_classifier is not None and "image" in stored["vote_accuracy"]
     report = paths.ensemble_report.read_text()
     assert "| ensemble |" in report and paths.ensemble_figure("scores").is_file()
     s = stored["scores"]  # UPerNet is the only single model here

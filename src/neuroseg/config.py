@@ -134,6 +134,8 @@ class EnsembleConfig:
     # 05 keeps the Mask R-CNN FPN features of OOF images (the mask head then reruns without the
     # backbone for every box-fusion setting) up to this many MB; the rest recompute them
     feature_cache_mb: int = 2048
+    # fit the image-statistics cell-type classifier (celltype.py) and let it vote on cell types
+    cell_type_classifier: bool = True
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@
 type (:class:`EnsembleParams`, tuned per type on the OOF cache by ``tuning.py``):
 
 1. **Cell type** -- a weighted vote: each detector pass votes with its score mass per label,
-   UPerNet with its cell-type head; one cell type per image in this data, and the type picks the
-   parameters below.
+   UPerNet with its cell-type head, and the image-statistics classifier (``celltype.py``) with its
+   probabilities when 05 fitted one; one cell type per image in this data, and the type picks
+   the parameters below.
 2. **Boxes** -- YOLOX and Mask R-CNN boxes of every fold/TTA pass fused by weighted boxes fusion
    (``boxfusion.py``: ensemble_boxes' results, faster), class-agnostic: a cell found as two types
    by two models is still one cell. A model's weight is split over its passes, so the fused score
@@ -32,9 +33,10 @@ from typing import Callable
 
 import numpy as np
 from neuroseg.box_masks import paste_local
+from neuroseg.celltype import image_features
 from neuroseg.config import CELL_TYPES
-from neuroseg.ensemble_params import (VOTE_MODELS, EnsembleParams, MaskRCNNParams, TypeParams,  # noqa: F401
-                                      UPerNetParams)
+from neuroseg.ensemble_params import (VOTE_MODELS, VOTERS, EnsembleParams, MaskRCNNParams,  # noqa: F401
+                                      TypeParams, UPerNetParams)
 from neuroseg.instances import label_to_indices, masks_to_label, relabel
 
 MASK_SIZE = 28
@@ -77,6 +79,7 @@ class ImagePredictions:
     maskrcnn_mask_probs: list[np.ndarray] = field(default_factory=list)  # (N,28,28) per maskrcnn pass
     upernet_probs: np.ndarray | None = None  # (3,H,W) background/interior/border, fold/TTA mean
     upernet_cell_type_probs: np.ndarray | None = None  # (3,)
+    image_cell_type_probs: np.ndarray | None = None  # (3,) of the cell-type classifier (celltype.py)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -97,8 +100,8 @@ class FusedResult:
 # ---- 1. cell type ----
 
 def type_votes(pred: ImagePredictions) -> dict[str, np.ndarray]:
-    """Each present model's cell-type distribution ``(3,)``: a detector's score mass per label
-    (averaged over its passes), UPerNet's cell-type head."""
+    """Each present voter's cell-type distribution ``(3,)``: a detector's score mass per label
+    (averaged over its passes), UPerNet's cell-type head, the image classifier's probabilities."""
     votes: dict[str, np.ndarray] = {}
     for model in BOX_MODELS:
         passes = getattr(pred, model) or []
@@ -110,7 +113,17 @@ def type_votes(pred: ImagePredictions) -> dict[str, np.ndarray]:
             votes[model] = mass / len(passes)
     if pred.upernet_cell_type_probs is not None:
         votes["upernet"] = np.asarray(pred.upernet_cell_type_probs, dtype=np.float64).ravel()
+    if pred.image_cell_type_probs is not None:
+        votes["image"] = np.asarray(pred.image_cell_type_probs, dtype=np.float64).ravel()
     return votes
+
+
+def add_image_vote(pred: ImagePredictions, image: np.ndarray, params: EnsembleParams) -> ImagePredictions:
+    """Set ``pred.image_cell_type_probs`` from the image when ``params`` carry a cell-type
+    classifier (05 fits it; on the OOF the tuning passes its out-of-fold probabilities instead)."""
+    if params.cell_type_classifier is not None:
+        pred.image_cell_type_probs = params.cell_type_classifier.predict_proba(image_features(image))
+    return pred
 
 
 def vote_cell_type(votes: dict[str, np.ndarray], weights: dict[str, float]) -> str:

@@ -11,9 +11,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from neuroseg.celltype import CellTypeClassifier
 from neuroseg.config import CELL_TYPES
 
 VOTE_MODELS: tuple[str, ...] = ("yolox", "maskrcnn", "upernet")
+# Who votes on an image's cell type: the models, and the image-statistics classifier (celltype.py)
+VOTERS: tuple[str, ...] = (*VOTE_MODELS, "image")
 
 
 @dataclass
@@ -56,12 +59,14 @@ def _per_type(cls: type) -> dict[str, Any]:
 
 @dataclass
 class EnsembleParams:
-    """Per cell type parameters of the ensemble and of each single model, plus the vote weights."""
+    """Per cell type parameters of the ensemble and of each single model, the vote weights, and
+    the cell-type classifier that votes as ``"image"`` (None: it does not vote)."""
 
     ensemble: dict[str, TypeParams] = field(default_factory=lambda: _per_type(TypeParams))
     maskrcnn: dict[str, MaskRCNNParams] = field(default_factory=lambda: _per_type(MaskRCNNParams))
     upernet: dict[str, UPerNetParams] = field(default_factory=lambda: _per_type(UPerNetParams))
-    vote_weights: dict[str, float] = field(default_factory=lambda: {m: 1.0 for m in VOTE_MODELS})
+    vote_weights: dict[str, float] = field(default_factory=lambda: {m: 1.0 for m in VOTERS})
+    cell_type_classifier: CellTypeClassifier | None = None
 
     @classmethod
     def defaults(cls) -> "EnsembleParams":
@@ -72,6 +77,7 @@ class EnsembleParams:
         out: dict[str, Any] = {s: {t: dataclasses.asdict(p) for t, p in getattr(self, s).items()}
                                for s in _SECTIONS}
         out["vote_weights"] = dict(self.vote_weights)
+        out["cell_type_classifier"] = None if self.cell_type_classifier is None else self.cell_type_classifier.to_json()
         return out
 
     @classmethod
@@ -81,7 +87,9 @@ class EnsembleParams:
         errors naming the valid ones (a params.json from another version must not half-load)."""
         if isinstance(obj, dict) and "params" in obj:
             obj = obj["params"]
-        expected = [*_SECTIONS, "vote_weights"]
+        expected = [*_SECTIONS, "vote_weights", "cell_type_classifier"]
+        if isinstance(obj, dict) and "cell_type_classifier" not in obj:  # written before it existed
+            obj = {**obj, "cell_type_classifier": None}
         if not isinstance(obj, dict) or sorted(obj) != sorted(expected):
             raise ValueError(f"ensemble params: expected sections {expected}, got "
                              f"{sorted(obj) if isinstance(obj, dict) else type(obj).__name__}")
@@ -98,9 +106,11 @@ class EnsembleParams:
                                      f"got {sorted(values)}")
                 kwargs[section][t] = pcls(**{k: (int(v) if names[k] in ("int", int) else float(v))
                                              for k, v in values.items()})
-        unknown = sorted(set(obj["vote_weights"]) - set(VOTE_MODELS))
+        unknown = sorted(set(obj["vote_weights"]) - set(VOTERS))
         if unknown:
-            raise ValueError(f"ensemble params [vote_weights]: unknown model(s) {unknown}; valid: "
-                             f"{list(VOTE_MODELS)}")
-        kwargs["vote_weights"] = {m: float(obj["vote_weights"].get(m, 0.0)) for m in VOTE_MODELS}
+            raise ValueError(f"ensemble params [vote_weights]: unknown voter(s) {unknown}; valid: "
+                             f"{list(VOTERS)}")
+        kwargs["vote_weights"] = {m: float(obj["vote_weights"].get(m, 0.0)) for m in VOTERS}
+        clf = obj["cell_type_classifier"]
+        kwargs["cell_type_classifier"] = None if clf is None else CellTypeClassifier.from_json(clf)
         return cls(**kwargs)

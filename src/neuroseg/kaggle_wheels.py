@@ -46,7 +46,7 @@ DEFAULT_PLATFORM = "manylinux_2_28_x86_64"  # Kaggle's image has a newer glibc; 
 # gigabytes). Names or fnmatch patterns, compared after PEP 503 normalisation.
 DEFAULT_EXCLUDE: tuple[str, ...] = (
     "torch", "torchvision", "torchaudio", "triton", "nvidia-*", "cuda-*",
-    "numpy", "pandas", "scipy", "scikit-image", "pillow", "matplotlib", "numba", "llvmlite",
+    "numpy", "pandas", "scipy", "scikit-image", "scikit-learn", "pillow", "matplotlib", "numba", "llvmlite",
     "opencv-python", "opencv-python-headless", "opencv-contrib-python",
 )
 # In requirements.txt for building and testing, never needed by the notebook

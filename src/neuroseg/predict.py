@@ -70,7 +70,7 @@ def segment(images: Sequence[Path], folds: FoldEnsemble, params: ensemble.Ensemb
         # the mask heads run lazily, only on the boxes the ensemble keeps
         mask_fn = folds.mask_fn(image) if "maskrcnn" in folds.models else None
         if only is None:
-            result = ensemble.fuse(pred, params, mask_fn)
+            result = ensemble.fuse(ensemble.add_image_vote(pred, image, params), params, mask_fn)
         else:
             result = ensemble.single_model(pred, only, params, mask_fn)
         yield path, image, result

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from neuroseg import oof
+from neuroseg.celltype import CellTypeClassifier, image_features, out_of_fold_probs
 from neuroseg.config import CELL_TYPES, Config
 from neuroseg.ensemble import EnsembleParams, MaskFn, fuse
 from neuroseg.io_utils import atomic_path, atomic_write_json, atomic_write_text, read_json
@@ -159,6 +160,31 @@ def is_fresh(paths: Paths, inputs: dict[str, Any], manifests: Mapping[str, Mappi
     return newer and stored.get("inputs") == inputs and stored.get("format") == FORMAT
 
 
+def fit_cell_type_classifier(paths: Paths, truth: Mapping[str, Truth], fold_of: Mapping[str, int]
+                             ) -> tuple[CellTypeClassifier | None, dict[str, np.ndarray] | None]:
+    """The image-statistics cell-type classifier: out-of-fold probabilities of the OOF images
+    (each from the fit on the other folds, the models' own fold split) for the tuning, and the
+    fit on all of them for the test images. (None, None) when some fold's training images lack a
+    cell type: the classifier could never answer it there."""
+    from tqdm import tqdm
+
+    from neuroseg.data import load_image
+
+    ids = sorted(fold_of)
+    features = np.stack([image_features(load_image(paths.train_image(i)))
+                         for i in tqdm(ids, desc="cell-type features", unit="img", disable=None)])
+    types = [truth[i].cell_type for i in ids]
+    try:
+        probs = out_of_fold_probs(features, types, [fold_of[i] for i in ids])
+    except ValueError as e:  # a small data set whose folds miss a cell type: the models vote alone
+        log.warning("cell-type classifier left out: %s", e)
+        return None, None
+    accuracy = float(np.mean([CELL_TYPES[int(np.argmax(p))] == t for p, t in zip(probs, types)]))
+    log.info("cell-type classifier: %d features of %d images from %s; out-of-fold accuracy %.3f",
+             features.shape[1], len(ids), paths.train_images, accuracy)
+    return CellTypeClassifier.fit(features, types), dict(zip(ids, probs))
+
+
 # ---- the step ----
 
 def run_ensemble(cfg: Config, paths: Paths, force: bool = False) -> Path:
@@ -181,11 +207,14 @@ def run_ensemble(cfg: Config, paths: Paths, force: bool = False) -> Path:
     log.info("tuning the ensemble of %s on %d OOF images (%d trials per cell type)",
              list(cfg.ensemble.models), len(set.intersection(*map(set, oof_by_model.values()))),
              cfg.ensemble.tune_trials)
-    params, report = tune_ensemble(oof_by_model, truth, cfg, mask_fns)
     fold_of = next(iter(oof_by_model.values())).fold_of
+    classifier, type_probs = (fit_cell_type_classifier(paths, truth, fold_of) if cfg.ensemble.cell_type_classifier
+                              else (None, None))
+    params, report = tune_ensemble(oof_by_model, truth, cfg, mask_fns, type_probs)
+    params.cell_type_classifier = classifier
     write_scores_csv(paths.ensemble_oof_scores, report, truth, fold_of)
     captions: dict[str, str] = {}
-    figures = write_figures(paths, report, truth, params, oof_by_model, mask_fns, captions)
+    figures = write_figures(paths, report, truth, params, oof_by_model, mask_fns, captions, type_probs)
     atomic_write_text(paths.ensemble_report, format_report(params, report, figures, captions,
                                                            time.time() - started))
     # params.json last: its time stamp is what marks the step done
@@ -212,7 +241,7 @@ def write_scores_csv(path: Path, report: dict[str, Any], truth: Mapping[str, Tru
 
 def write_figures(paths: Paths, report: dict[str, Any], truth: Mapping[str, Truth], params: EnsembleParams,
                   oof_by_model: Mapping[str, Mapping], mask_fns: Mapping[str, MaskFn] | None,
-                  captions: dict[str, str]) -> list[Path]:
+                  captions: dict[str, str], type_probs: Mapping[str, np.ndarray] | None = None) -> list[Path]:
     """The per-type score chart, and per cell type the OOF image of median ensemble score with
     its truth (green) and ensemble (red) outlines; ``captions`` gets a line per figure."""
     import matplotlib
@@ -248,7 +277,8 @@ def write_figures(paths: Paths, report: dict[str, Any], truth: Mapping[str, Trut
             continue
         score, image_id = ids[len(ids) // 2]
         tr = truth[image_id]
-        pred = predictions_from_oof(image_id, tr.shape, {m: oof_by_model[m][image_id] for m in oof_by_model})
+        pred = predictions_from_oof(image_id, tr.shape, {m: oof_by_model[m][image_id] for m in oof_by_model},
+                                    None if type_probs is None else type_probs[image_id])
         result = fuse(pred, params, mask_fns[image_id] if mask_fns is not None else None)
         gt = np.zeros(tr.shape, np.int32)
         for k, idx in enumerate(tr.indices, 1):
@@ -302,7 +332,9 @@ def format_report(params: EnsembleParams, report: dict[str, Any], figures: list[
                 per_type.append(f"{t} {summary['ensemble']['per_cell_type'][t] - singles[m]:+.4f} (vs {m})")
         if per_type:
             lines += [f"Per cell type, vs that type's best single model: {', '.join(per_type)}."]
-    lines += ["", "Cell-type vote accuracy: " + ", ".join(f"{m} {a:.3f}" for m, a in report["vote_accuracy"].items()),
+    voter = {"image": "image classifier (celltype.py)"}
+    lines += ["", "Cell-type vote accuracy: " + ", ".join(f"{voter.get(m, m)} {a:.3f}"
+                                                         for m, a in report["vote_accuracy"].items()),
               f"(vote weights {params.vote_weights}).", "", "## Tuned parameters (per voted cell type)", "",
               "| type | yolox w | maskrcnn w | WBF IoU | WBF skip | UPerNet w | mask thr | score thr | min area "
               "| max overlap | UPerNet instances |",

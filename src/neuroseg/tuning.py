@@ -45,7 +45,7 @@ log = logging.getLogger("neuroseg")
 ENSEMBLE_GRID: dict[str, list] = {
     "model_weights": [(1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (1.0, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, 1.0),
                       (0.0, 0.0)],  # no boxes: UPerNet's instances alone (if upernet_instances > 0)
-    "wbf_iou": [0.4, 0.5, 0.55, 0.6, 0.7],
+    "wbf_iou": [0.3, 0.4, 0.5, 0.55, 0.6, 0.7],
     "wbf_skip": [0.01, 0.05, 0.1, 0.2, 0.3],
     "upernet_weight": [0.0, 0.15, 0.3, 0.5, 0.7, 1.0],
     "mask_threshold": [0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7],
@@ -82,11 +82,12 @@ def truth_from_records(records: Sequence[Any]) -> dict[str, Truth]:
             for r in records}
 
 
-def predictions_from_oof(image_id: str, shape: tuple[int, int], arrays: Mapping[str, Mapping[str, np.ndarray]]
-                         ) -> ImagePredictions:
-    """One image's OOF arrays ``{model: {key: array}}`` (the cache format) -> ImagePredictions
-    with one pass per detector."""
-    pred = ImagePredictions(image_id=image_id, height=shape[0], width=shape[1])
+def predictions_from_oof(image_id: str, shape: tuple[int, int], arrays: Mapping[str, Mapping[str, np.ndarray]],
+                         image_type_probs: np.ndarray | None = None) -> ImagePredictions:
+    """One image's OOF arrays ``{model: {key: array}}`` (the cache format) and the cell-type
+    classifier's OOF probabilities (or None) -> ImagePredictions with one pass per detector."""
+    pred = ImagePredictions(image_id=image_id, height=shape[0], width=shape[1],
+                            image_cell_type_probs=image_type_probs)
     for model in ens.BOX_MODELS:
         if model in arrays:
             a = arrays[model]
@@ -346,15 +347,15 @@ def _tune(tuner: _Tuner, grid: dict[str, list], start: dict[str, Any], cfg: Conf
 
 def tune_vote_weights(votes: Mapping[str, Mapping[str, np.ndarray]], truth: Mapping[str, Truth],
                       start: Mapping[str, float]) -> tuple[dict[str, float], float]:
-    """Exhaustive grid over the present models' vote weights, maximising cell-type accuracy;
-    ``start`` wins ties. -> (weights, accuracy)."""
+    """Exhaustive grid over the present voters' weights, maximising cell-type accuracy; ``start``
+    wins ties. -> (weights, accuracy)."""
     ids = list(votes)
-    models = sorted({m for v in votes.values() for m in v}, key=ens.VOTE_MODELS.index)
+    models = sorted({m for v in votes.values() for m in v}, key=ens.VOTERS.index)
 
     def accuracy(w: dict[str, float]) -> float:
         return float(np.mean([ens.vote_cell_type(votes[i], w) == truth[i].cell_type for i in ids])) if ids else 0.0
 
-    best = {m: float(start.get(m, 1.0)) for m in ens.VOTE_MODELS}
+    best = {m: float(start.get(m, 1.0)) for m in ens.VOTERS}
     best_acc = accuracy(best)
     for combo in np.array(np.meshgrid(*[VOTE_GRID] * len(models))).reshape(len(models), -1).T:
         if not combo.any():
@@ -376,13 +377,16 @@ def _summary(per_image: Mapping[str, float], truth: Mapping[str, Truth]) -> dict
 
 
 def tune_ensemble(oof_by_model: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], truth: Mapping[str, Truth],
-                  cfg: Config, mask_fns: Mapping[str, MaskFn] | None = None) -> tuple[EnsembleParams, dict[str, Any]]:
+                  cfg: Config, mask_fns: Mapping[str, MaskFn] | None = None,
+                  image_type_probs: Mapping[str, np.ndarray] | None = None) -> tuple[EnsembleParams, dict[str, Any]]:
     """Tune every parameter of :class:`EnsembleParams` on the OOF predictions.
 
     ``oof_by_model``: ``{model: {image_id: OOF arrays}}`` (any Mapping; values are read on demand,
     so a lazy one keeps memory flat); ``truth``: ``{image_id: Truth}`` (the raw train.csv labels);
     ``mask_fns``: ``{image_id: MaskFn}`` -- the mask head of the fold model that did not train on
-    the image -- or None without Mask R-CNN. Images in the truth and every model are used.
+    the image -- or None without Mask R-CNN; ``image_type_probs``: ``{image_id: (3,)}`` OOF
+    probabilities of the cell-type classifier, which then votes too (single models keep their own
+    vote: a model alone has no classifier). Images in the truth and every model are used.
     Returns the params and a report: per-image and summary scores of the ensemble (tuned and
     defaults) and of each single model, vote accuracy, evaluations used.
     """
@@ -398,18 +402,23 @@ def tune_ensemble(oof_by_model: Mapping[str, Mapping[str, Mapping[str, np.ndarra
         log.warning("tune_ensemble: %d OOF image(s) lack the truth or another model's OOF; left out", dropped)
 
     def get_pred(i: str) -> ImagePredictions:
-        return predictions_from_oof(i, truth[i].shape, {m: oof_by_model[m][i] for m in models})
+        return predictions_from_oof(i, truth[i].shape, {m: oof_by_model[m][i] for m in models},
+                                    None if image_type_probs is None else image_type_probs[i])
 
     params = EnsembleParams.defaults()
     votes = {i: ens.type_votes(get_pred(i)) for i in tqdm(ids, desc="cell-type votes", disable=None)}
     params.vote_weights, acc = tune_vote_weights(votes, truth, params.vote_weights)
-    params.vote_weights = {m: (w if m in models else 0.0) for m, w in params.vote_weights.items()}
+    voters = [*models, *(["image"] if image_type_probs is not None else [])]
+    params.vote_weights = {m: (w if m in voters else 0.0) for m, w in params.vote_weights.items()}
     report: dict[str, Any] = {"models": models, "n_images": len(ids), "image_ids": ids,
                               "max_evaluations": cfg.ensemble.tune_trials,
                               "vote_accuracy": {"ensemble": acc}, "evaluations": {}, "per_image": {}}
 
     def own_type(i: str, m: str) -> str:
         return ens.vote_cell_type({m: votes[i][m]}, {m: 1.0})
+
+    if image_type_probs is not None:
+        report["vote_accuracy"]["image"] = float(np.mean([own_type(i, "image") == truth[i].cell_type for i in ids]))
 
     for m in ("maskrcnn", "upernet"):
         if m not in models:
