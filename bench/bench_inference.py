@@ -14,7 +14,8 @@ a realistic number of boxes. The box counts are printed.
 Times are medians over images, wall and process CPU time (on a shared CPU the CPU time is what
 the work costs; the wall time is what it got). "Forward" time is measured inside every
 model call (detection forwards of every fold and TTA view, and the Mask R-CNN mask heads on the
-ensemble's fused boxes, ``masks_for_boxes``); "overhead" is the rest of the per-image time
+ensemble's fused boxes: ``box_features``, the backbone, once per image, and ``masks_for_boxes``);
+"overhead" is the rest of the per-image time
 (images are read beforehand): resizing to tensors, un-flipping and mapping to original
 coordinates, UPerNet's resize, box fusion, pasting, painting and RLE encoding.
 """
@@ -63,17 +64,25 @@ def matmul_gflops(device: torch.device, n: int = 2048) -> float:
 
 
 def instrument(model: torch.nn.Module, key: str, acc: dict[str, np.ndarray], device: torch.device) -> None:
-    """Add the (wall, CPU) time of every ``forward`` / ``masks_for_boxes`` call of ``model`` to ``acc``."""
-    for method in ("forward", "masks_for_boxes"):
+    """Add the (wall, CPU) time of every ``forward`` / ``box_features`` / ``masks_for_boxes`` call of
+    ``model`` to ``acc``. ``box_features`` is the Mask R-CNN backbone the ensemble's mask heads run
+    once per image; inside ``forward`` it is already counted, so a call nested in another timed one
+    adds nothing."""
+    depth = [0]
+    for method in ("forward", "box_features", "masks_for_boxes"):
         inner = getattr(model, method, None)
         if inner is None:
             continue
 
         def timed(*a, _inner=inner, _key=f"{key}.{method}", **k):
+            depth[0] += 1
             t = clock(device)
-            out = _inner(*a, **k)
-            acc[_key] = acc.get(_key, 0.0) + clock(device) - t
-            return out
+            try:
+                return _inner(*a, **k)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    acc[_key] = acc.get(_key, 0.0) + clock(device) - t
 
         setattr(model, method, timed)  # an instance attribute: nn.Module.__call__ finds it
 
