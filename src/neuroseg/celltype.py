@@ -80,7 +80,8 @@ class CellTypeClassifier:
         from sklearn.linear_model import LogisticRegression
 
         X = np.asarray(features, dtype=np.float64)
-        missing = [t for t in CELL_TYPES if t not in set(cell_types)]
+        present = set(cell_types)
+        missing = [t for t in CELL_TYPES if t not in present]
         if missing:
             raise ValueError(f"CellTypeClassifier.fit: no training image of {missing}")
         if len(X) != len(cell_types):
