@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ensemble_toys import H, W, as_oof, ellipse_mask_fn, image_pred, truth_of, type_probs
+from ensemble_toys import CELLS, H, W, as_oof, ellipse_in, ellipse_mask_fn, image_pred, truth_of, type_probs
 from neuroseg import config
 from neuroseg.config import CELL_TYPES
 from neuroseg.ensemble import EnsembleParams, fuse, single_model
@@ -219,3 +219,22 @@ def test_tuning_asks_the_mask_head_only_for_new_boxes(tuned):
         assert asked and all(not (a & b) for a, b in zip(asked, asked[1:]))
     # so fewer calls than evaluations: WBF IoU and skip settings leave these separated boxes as they are
     assert max(len(fn.tuning_calls) for fn in mask_fns.values()) < report["evaluations"]["ensemble"]["cort"]
+
+
+def test_05_leaves_the_classifier_out_when_a_fold_lacks_a_cell_type(tmp_path, caplog):
+    from conftest import write_kaggle_dir
+    from neuroseg.paths import Paths
+    from neuroseg.report import fit_cell_type_classifier
+
+    rng = np.random.default_rng(0)
+    ids = [f"{t}{k}" for t in CELL_TYPES for k in range(2)]
+    write_kaggle_dir(tmp_path / "data", {i: (i[:-1], rng.integers(0, 255, (H, W), dtype=np.uint8),
+                                             np.array([ellipse_in(CELLS[0])])) for i in ids})
+    paths = Paths(tmp_path / "data", tmp_path / "out")
+    truth = {i: truth_of(i[:-1]) for i in ids}
+    clf, probs = fit_cell_type_classifier(paths, truth, {i: k % 2 for k, i in enumerate(ids)})
+    assert clf is not None and set(probs) == set(ids)
+    # only the astro images in fold 1: fold 0's classifier, fitted on fold 1, would know astro alone
+    with caplog.at_level("WARNING", logger="neuroseg"):
+        assert fit_cell_type_classifier(paths, truth, {i: int(i.startswith("astro")) for i in ids}) == (None, None)
+    assert "left out: the images outside fold 0 have no ['cort', 'shsy5y']" in caplog.text
