@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import sys
 
-from neuroseg.data import DataError
-from neuroseg.preprocess import run_preprocess
-from neuroseg.runner import parse_args
+from neuroseg.args import parse_args
+from neuroseg.data.records import DataError
+from neuroseg.pipeline.preprocess import run_preprocess
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from neuroseg.runner import train_main
+from neuroseg.pipeline.train_folds import train_main
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import sys
 
-from neuroseg.runner import parse_args
+from neuroseg.args import parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg, paths, args = parse_args(__doc__.splitlines()[0], argv)
-    from neuroseg.oof import OOFError  # after parsing: --help does not pay for torch
-    from neuroseg.report import run_ensemble
+    from neuroseg.evaluation.oof_cache import OOFError  # after parsing: --help does not pay for torch
+    from neuroseg.pipeline.tune_ensemble import run_ensemble
 
     try:
         run_ensemble(cfg, paths, force=args.force)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import sys
 
-from neuroseg.runner import parse_args
+from neuroseg.args import parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg, paths, args = parse_args(__doc__.splitlines()[0], argv, extra=lambda p: p.add_argument(
         "--only", choices=("maskrcnn", "upernet"), default=None,
         help="one model's submission (submission_<model>.csv) instead of the ensemble's"))
-    from neuroseg.predict import SubmissionError, make_submission  # after parsing: --help skips torch
+    from neuroseg.pipeline.make_submission import SubmissionError, make_submission  # after parsing: --help skips torch
 
     try:
         make_submission(cfg, paths, only=args.only)

@@ -24,11 +24,13 @@ import numpy as np
 import torch
 from torchvision.ops import roi_align
 
-from neuroseg.boxfusion import weighted_boxes_fusion
-from neuroseg.data import group_records, read_train_csv
-from neuroseg.ensemble import BoxSet, EnsembleParams, ImagePredictions, TypeParams, fuse
-from neuroseg.metric import image_score, iou_sparse
-from neuroseg.tuning import truth_from_records
+from neuroseg.data.records import group_records, read_train_csv
+from neuroseg.ensemble.fusion import fuse
+from neuroseg.ensemble.params import EnsembleParams, TypeParams
+from neuroseg.ensemble.tuning import truth_from_records
+from neuroseg.ensemble.wbf import weighted_boxes_fusion
+from neuroseg.evaluation.metric import image_score, iou_sparse
+from neuroseg.structures.predictions import BoxSet, ImagePredictions
 
 
 def main() -> None:

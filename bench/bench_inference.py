@@ -35,12 +35,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from neuroseg import config, ensemble, models  # noqa: E402
-from neuroseg.data import load_image  # noqa: E402
-from neuroseg.inference import FoldEnsemble, image_files, load_fold_models  # noqa: E402
-from neuroseg.instances import label_to_rles  # noqa: E402
+from neuroseg import config, models
+from neuroseg.data.records import load_image  # noqa: E402
+from neuroseg.ensemble import fusion  # noqa: E402
+from neuroseg.inference.fold_models import FoldEnsemble, image_files, load_fold_models  # noqa: E402
+from neuroseg.inference.predict import load_params  # noqa: E402
 from neuroseg.paths import MODEL_NAMES, Paths  # noqa: E402
-from neuroseg.predict import load_params  # noqa: E402
+from neuroseg.structures.label_image import label_to_rles  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params, params_source = load_params(paths), str(paths.ensemble_params)
     except FileNotFoundError:
-        params, params_source = ensemble.EnsembleParams(), "defaults"
+        params, params_source = fusion.EnsembleParams(), "defaults"
     if args.paint_all:
         for tp in params.ensemble.values():
             tp.mask_threshold, tp.score_threshold = 0.45, 0.0
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run_all(image: np.ndarray, stats: dict) -> None:
         pred = full.predict_image(image)
-        res = ensemble.fuse(ensemble.add_image_vote(pred, image, params), params, full.mask_fn(image))
+        res = fusion.fuse(fusion.add_image_vote(pred, image, params), params, full.mask_fn(image))
         label_to_rles(res.label)
         stats["boxes"].append([len(b) for b in pred.yolox + pred.maskrcnn])
         stats["instances"].append(int(res.label.max()))

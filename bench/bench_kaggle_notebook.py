@@ -6,7 +6,7 @@
 
 The notebook runs in a kernel that lacks every package the bundle has a wheel for (except what
 the kernel itself needs to start: ipykernel, pip and their dependencies), so its pip installs the
-whole bundle with ``--no-index``; see ``neuroseg.kaggle_rehearsal``. Then ``06_make_submission.py``
+whole bundle with ``--no-index``; see ``neuroseg.kaggle.rehearsal``. Then ``06_make_submission.py``
 runs on the same models and data and the two CSVs are compared byte for byte.
 """
 
@@ -27,9 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from neuroseg import kaggle_rehearsal  # noqa: E402
-from neuroseg.kaggle_bundle import folder_size  # noqa: E402
-from neuroseg.runner import setup_logging  # noqa: E402
+from neuroseg.kaggle import rehearsal  # noqa: E402
+from neuroseg.kaggle.bundle import folder_size  # noqa: E402
+from neuroseg.utils.logging import setup_logging  # noqa: E402
 
 
 def cell_seconds(executed: Path) -> list[tuple[str, float]]:
@@ -62,9 +62,9 @@ def main() -> int:
     print(f"bundle {bundle}: " + ", ".join(f"{f} {s / 1e6:.1f} MB" for f, s in sizes.items())
           + f"; {len(list(wheels.glob('*.whl')))} wheels")
 
-    python = kaggle_rehearsal.kernel_environment(work / "kernel-venv", kaggle_rehearsal.bundled_names(wheels))
-    root = kaggle_rehearsal.kaggle_root(work / "kaggle", Path(args.data_dir).resolve(), bundle)
-    executed, seconds = kaggle_rehearsal.run_notebook(bundle / "notebook" / "infer.ipynb", python, root)
+    python = rehearsal.kernel_environment(work / "kernel-venv", rehearsal.bundled_names(wheels))
+    root = rehearsal.kaggle_root(work / "kaggle", Path(args.data_dir).resolve(), bundle)
+    executed, seconds = rehearsal.run_notebook(bundle / "notebook" / "infer.ipynb", python, root)
     print(f"notebook end to end: {seconds:.1f} s wall")
     for first_line, s in cell_seconds(executed):
         print(f"  {s:7.1f} s  {first_line}")

@@ -10,7 +10,7 @@ truth (mean IoU; the metric's thresholds run to 0.95, so every 0.01 counts):
 * paste at scale 1: torchvision's ``paste_masks_in_image`` vs ``box_masks.paste_local``;
 * flip TTA: predicted in a mirrored view, un-flipped with and without the one-pixel shift;
 * train_scale 0.5: labels halved like ``dataset._resize_labels``, mapped back by
-  ``oof.to_original`` vs the image-centre convention; UPerNet maps by ``oof.resize_probs`` vs
+  ``oof_cache.to_original`` vs the image-centre convention; UPerNet maps by ``oof_cache.resize_probs`` vs
   ``F.interpolate``. The half-scale rows are the ceiling of any model trained at that scale.
 """
 
@@ -30,9 +30,11 @@ from torchvision.ops import roi_align
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from neuroseg import oof, rle, tta  # noqa: E402
-from neuroseg.box_masks import paste_masks, shift_box_masks  # noqa: E402
-from neuroseg.dataset import _resize_labels  # noqa: E402
+from neuroseg.data.datasets import _resize_labels  # noqa: E402
+from neuroseg.evaluation import oof_cache
+from neuroseg.inference import tta  # noqa: E402
+from neuroseg.structures import rle
+from neuroseg.structures.box_masks import paste_masks, shift_box_masks  # noqa: E402
 
 M = 28
 
@@ -79,16 +81,16 @@ def main() -> None:
             continue
         sbox, st = target(small)
         pred = {"boxes": sbox, "scores": torch.ones(1), "labels": torch.ones(1, dtype=torch.int64), "mask_probs": st}
-        o = oof.to_original("maskrcnn", pred, (h, w), (H, W))
+        o = oof_cache.to_original("maskrcnn", pred, (h, w), (H, W))
         big = torch.from_numpy(o["boxes"])
         add("scale 0.5, Mask R-CNN: image-centre convention (pixel i at (i+.5)/2-.5)",
             iou(paste_masks(shift_box_masks(st, big, -0.5, -0.5), big, (H, W))[0].numpy() > 0.5, m))
-        add("scale 0.5, Mask R-CNN: oof.to_original (label geometry)",
+        add("scale 0.5, Mask R-CNN: oof_cache.to_original (label geometry)",
             iou(paste_masks(torch.from_numpy(o["mask_probs"]), big, (H, W))[0].numpy() > 0.5, m))
         probs = torch.from_numpy(np.stack([~small, small, np.zeros_like(small)]).astype(np.float32))
         add("scale 0.5, UPerNet map: F.interpolate(align_corners=False)",
             iou(F.interpolate(probs[None], size=(H, W), mode="bilinear", align_corners=False)[0, 1].numpy() > 0.5, m))
-        add("scale 0.5, UPerNet map: oof.resize_probs", iou(oof.resize_probs(probs, (H, W))[1].numpy() > 0.5, m))
+        add("scale 0.5, UPerNet map: oof_cache.resize_probs", iou(oof_cache.resize_probs(probs, (H, W))[1].numpy() > 0.5, m))
 
     print(f"{len(rows)} real cells of {args.data_dir} (seed {args.seed}); mean IoU with the truth\n")
     print("| path | cells | mean IoU |\n|---|---:|---:|")

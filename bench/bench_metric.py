@@ -4,7 +4,7 @@
 
 Predictions are the 100 sartorius-mini label sets perturbed (seeded): each mask shifted one pixel
 in a random direction, ~10% dropped, ~5% added (copies of other masks moved elsewhere), then made
-a non-overlapping label image with ``instances.masks_to_label`` in random score order, as a model's
+a non-overlapping label image with ``label_image.masks_to_label`` in random score order, as a model's
 would be. Truth stays as the (overlapping) Kaggle RLEs.
 
 Timed, best of ``--repeats``: scoring alone (truth pre-decoded: ``iou_matrix`` + ``image_score``);
@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from neuroseg import instances, metric
+from neuroseg.evaluation import metric
+from neuroseg.structures import label_image
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sartorius-mini"
 DENSE_CHUNK_BYTES = 256 << 20  # bool elements per (truth chunk x pred x pixels) block
@@ -48,7 +49,7 @@ def perturb(truth: list[np.ndarray], shape: tuple[int, int], rng: np.random.Gene
     for _ in range(rng.binomial(len(truth), 0.05)):
         src = truth[rng.integers(len(truth))]
         masks.append(shift_one_pixel(src, shape, *rng.integers(-60, 61, size=2)))
-    label, _ = instances.masks_to_label(masks, rng.random(len(masks)), min_area=1, shape=shape)
+    label, _ = label_image.masks_to_label(masks, rng.random(len(masks)), min_area=1, shape=shape)
     return label
 
 
@@ -92,7 +93,7 @@ def run(data_dir: Path, seed: int, repeats: int, n_dense: int) -> dict:
     truth = {k: metric.rles_to_indices(v, shapes[k]) for k, v in rles.items()}
     rng = np.random.default_rng(seed)
     preds = {k: perturb(truth[k], shapes[k], rng) for k in truth}
-    pred_df = pd.DataFrame([(k, r) for k, label in preds.items() for r in instances.label_to_rles(label) or [""]],
+    pred_df = pd.DataFrame([(k, r) for k, label in preds.items() for r in label_image.label_to_rles(label) or [""]],
                            columns=["id", "predicted"])
     ids = list(truth)
     n = len(ids)

@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from neuroseg import config  # noqa: E402
+from neuroseg.data.semantic_targets import semantic_target  # noqa: E402
 from neuroseg.models import build  # noqa: E402
-from neuroseg.semantic import semantic_target  # noqa: E402
 
 IMAGE_H, IMAGE_W = 520, 704
 N_CELLS = 100  # about the median of the Sartorius train images (106)

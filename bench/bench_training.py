@@ -1,5 +1,5 @@
 """Training cost on real data: seconds per train step, per validation pass and per OOF pass for
-each model, through the real loop (``training.train_fold``), and the whole-config estimate.
+each model, through the real loop (``train.train_fold``), and the whole-config estimate.
 
     NEUROSEG_DATA_DIR=../shared/data/sartorius-mini .venv/bin/python bench/bench_training.py \\
         --config configs/cpu.yaml --output-dir /tmp/bench_out --steps 5
@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from neuroseg import config as config_mod  # noqa: E402
-from neuroseg import training  # noqa: E402
 from neuroseg.paths import MODEL_NAMES, Paths  # noqa: E402
-from neuroseg.preprocess import run_preprocess  # noqa: E402
-from neuroseg.runner import setup_logging  # noqa: E402
+from neuroseg.pipeline import train  # noqa: E402
+from neuroseg.pipeline.preprocess import run_preprocess  # noqa: E402
+from neuroseg.utils.logging import setup_logging  # noqa: E402
 
 
 def measure(cfg, paths, model: str, fold: int, steps: int) -> dict:
@@ -37,10 +37,10 @@ def measure(cfg, paths, model: str, fold: int, steps: int) -> dict:
     d[model]["train"].update(epochs=1, max_train_steps_per_epoch=steps)
     run_cfg = config_mod.from_dict(d)
     t0, c0 = time.time(), cpu_seconds()
-    summary = training.train_fold(run_cfg, paths, model, fold, force=True)
+    summary = train.train_fold(run_cfg, paths, model, fold, force=True)
     total, cpu = time.time() - t0, cpu_seconds() - c0
     row = pd.read_csv(paths.history_csv(model, fold)).iloc[-1]
-    train_recs, val_recs = training.load_fold_records(cfg, paths, fold)
+    train_recs, val_recs = train.load_fold_records(cfg, paths, fold)
     tc = getattr(cfg, model).train
     steps_per_epoch = len(train_recs) // tc.batch_size  # drop_last
     oof_s = total - row["time_s"]  # setup + OOF prediction

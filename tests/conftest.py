@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from neuroseg import rle
 from neuroseg.config import CELL_TYPES
+from neuroseg.structures import rle
 
 TINY_H, TINY_W = 128, 160  # the Kaggle-layout folder (non-square, like the real 520 x 704)
 BATCH_SIZE_PX = 128  # tiny_batch images are square 128 x 128
@@ -77,7 +77,7 @@ def preprocessed_kaggle_set(root: Path, rng: np.random.Generator, n_folds: int =
     01 step with ``n_folds`` folds into ``root/out``; returns its ``Paths``."""
     from neuroseg import config
     from neuroseg.paths import Paths
-    from neuroseg.preprocess import run_preprocess
+    from neuroseg.pipeline.preprocess import run_preprocess
 
     images = {f"img{i}{t}": (t, *draw_cells(rng, 128, 160, t, n_cells=5)) for i, t in enumerate(CELL_TYPES)}
     write_kaggle_dir(root / "data", images)
@@ -106,14 +106,14 @@ def tiny_records_dir(tmp_path: Path, tiny_images) -> Path:
 
 @pytest.fixture
 def tiny_records(tiny_records_dir: Path):
-    from neuroseg.data import group_records, read_train_csv
+    from neuroseg.data.records import group_records, read_train_csv
 
     return group_records(read_train_csv(tiny_records_dir / "train.csv"))
 
 
 def make_target(masks: np.ndarray, cell_type: str, image_id: str, border_width: int = 2) -> dict:
     """A contract target built straight from a mask stack (no dataset code involved)."""
-    from neuroseg.semantic import semantic_target
+    from neuroseg.data.semantic_targets import semantic_target
 
     boxes = []
     for m in masks:

@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from neuroseg import config, rle
+from neuroseg import config
 from neuroseg.config import CELL_TYPES
 from neuroseg.models.base import NeurosegModel
 from neuroseg.paths import Paths
+from neuroseg.structures import rle
 
 H, W = 32, 40  # non-square, so a swapped H/W shows up
 

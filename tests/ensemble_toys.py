@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from neuroseg.config import CELL_TYPES
-from neuroseg.ensemble import BoxSet, ImagePredictions, MASK_SIZE
-from neuroseg.tuning import Truth
+from neuroseg.ensemble.tuning import Truth
+from neuroseg.structures.box_masks import MASK_SIZE
+from neuroseg.structures.predictions import BoxSet, ImagePredictions
 
 H = W = 64
 

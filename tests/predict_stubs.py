@@ -83,7 +83,8 @@ def asymmetric_image(h: int = 40, w: int = 60) -> np.ndarray:
 def save_untrained_fold_models(cfg, paths, fold: int = 0) -> None:
     """``best.pt`` of each model for ``fold``, as the engine writes it, from seeded untrained
     weights: what inference loads, without minutes of training."""
-    from neuroseg import checkpoint, models
+    from neuroseg import models
+    from neuroseg.training import checkpoint
 
     for name in ("yolox", "maskrcnn", "upernet"):
         torch.manual_seed(0)

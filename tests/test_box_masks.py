@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops import roi_align
 
-from neuroseg import oof, tta
-from neuroseg.box_masks import label_offset, paste_local, paste_masks, shift_box_masks
-from neuroseg.dataset import _resize_labels
+from neuroseg.data.datasets import _resize_labels
+from neuroseg.evaluation import oof_cache
+from neuroseg.inference import tta
+from neuroseg.structures.box_masks import label_offset, paste_local, paste_masks, shift_box_masks
 
 H, W, M = 130, 170, 28
 
@@ -98,8 +99,8 @@ def test_flip_tta_masks_come_back_on_their_pixels(view):
 
 def test_half_scale_round_trip_follows_the_labels_geometry():
     """Train-scale 0.5: labels halved as the dataset does, targets projected at that scale, then
-    ``oof.to_original`` (boxes x2 and ``rescale_shift``) and paste; UPerNet's maps through
-    ``oof.resize_probs``. Both beat the image-centre convention (pixel i at input (i + .5)/2 - .5)."""
+    ``oof_cache.to_original`` (boxes x2 and ``rescale_shift``) and paste; UPerNet's maps through
+    ``oof_cache.resize_probs``. Both beat the image-centre convention (pixel i at input (i + .5)/2 - .5)."""
     assert label_offset(2.0) == 0 and label_offset(1.0) == 0 and label_offset(0.5) == 0.25
     h, w = H // 2, W // 2
     mr, mr_centre, up, up_centre = [], [], [], []
@@ -109,12 +110,12 @@ def test_half_scale_round_trip_follows_the_labels_geometry():
             continue
         box, t = target(small)
         pred = {"boxes": box, "scores": torch.ones(1), "labels": torch.ones(1, dtype=torch.int64), "mask_probs": t}
-        back = oof.to_original("maskrcnn", pred, (h, w), (H, W))
+        back = oof_cache.to_original("maskrcnn", pred, (h, w), (H, W))
         big_box, big_masks = torch.from_numpy(back["boxes"]), torch.from_numpy(back["mask_probs"]).float()
         mr.append(iou(pasted(big_masks, big_box), m))
         mr_centre.append(iou(pasted(shift_box_masks(t, big_box, -0.5, -0.5), big_box), m))
         probs = torch.from_numpy(np.stack([~small, small, np.zeros_like(small)]).astype(np.float32))
-        up.append(iou(oof.resize_probs(probs, (H, W))[1].numpy() > 0.5, m))
+        up.append(iou(oof_cache.resize_probs(probs, (H, W))[1].numpy() > 0.5, m))
         centre = F.interpolate(probs[None], size=(H, W), mode="bilinear", align_corners=False)[0, 1]
         up_centre.append(iou(centre.numpy() > 0.5, m))
     assert len(mr) > 50

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from neuroseg.celltype import (CellTypeClassifier, feature_names, image_features, out_of_fold_probs)
 from neuroseg.config import CELL_TYPES
+from neuroseg.ensemble.celltype import CellTypeClassifier, feature_names, image_features, out_of_fold_probs
 
 
 def texture(cell_type: str, seed: int, shape=(96, 128)) -> np.ndarray:

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from tiny_kaggle import H, W, rect, ring
 
-from neuroseg import rle
-from neuroseg.cleaning import clean_annotations, clean_instance
+from neuroseg.data.cleaning import clean_annotations, clean_instance
+from neuroseg.structures import rle
 
 
 def frame(*instances: tuple[str, str, np.ndarray]) -> pd.DataFrame:

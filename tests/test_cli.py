@@ -81,7 +81,7 @@ def test_module_entry_point(tmp_path):
 
 
 def test_training_script_without_preprocess_says_what_to_run(tmp_path, capsys):
-    from neuroseg.runner import train_main
+    from neuroseg.pipeline.train_folds import train_main
 
     rc = train_main("upernet", "test", ["--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "out")])
     assert rc == 1

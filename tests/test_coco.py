@@ -9,10 +9,10 @@ import pytest
 from pycocotools.coco import COCO
 from tiny_kaggle import REAL_DATA, images, write_dataset
 
-from neuroseg import rle
-from neuroseg.coco import records_to_coco
 from neuroseg.config import CELL_TYPES
-from neuroseg.data import group_records, read_train_csv
+from neuroseg.data.coco_export import records_to_coco
+from neuroseg.data.records import group_records, read_train_csv
+from neuroseg.structures import rle
 
 # pycocotools 2.0.x warns on every annToMask under numpy 2 (its __array__ lacks `copy`)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

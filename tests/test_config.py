@@ -85,7 +85,7 @@ def test_paths_resolve_from_env(monkeypatch, tmp_path):
 def test_atomic_write_leaves_no_temp_and_normal_permissions(tmp_path):
     import os
 
-    from neuroseg.io_utils import atomic_write_text
+    from neuroseg.utils.atomic_io import atomic_write_text
 
     umask = os.umask(0o022)
     try:

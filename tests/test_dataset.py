@@ -11,9 +11,15 @@ import torch
 
 from neuroseg import config
 from neuroseg.config import CELL_TYPES, AugmentConfig
-from neuroseg.dataset import (InferenceDataset, InstanceDataset, collate, model_data_config, pack_layers,
-                              unpack_layers)
-from neuroseg.semantic import semantic_target
+from neuroseg.data.datasets import (
+    InferenceDataset,
+    InstanceDataset,
+    collate,
+    model_data_config,
+    pack_layers,
+    unpack_layers,
+)
+from neuroseg.data.semantic_targets import semantic_target
 
 NO_AUG = AugmentConfig(hflip=0, vflip=0, rotate90=0, scale_limit=0, brightness_contrast=0, blur=0)
 

@@ -9,11 +9,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import engine_toys as T
 import pandas as pd
 import torch
 
-import engine_toys as T
-from neuroseg import checkpoint, oof
+from neuroseg.evaluation import oof_cache
+from neuroseg.training import checkpoint
 
 WORKER = textwrap.dedent("""
     import os, sys
@@ -21,7 +22,7 @@ WORKER = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import torch
     import engine_toys as T
-    from neuroseg import training
+    from neuroseg.pipeline import train_folds
     from neuroseg.paths import Paths
 
     root = Path(sys.argv[1])
@@ -31,11 +32,11 @@ WORKER = textwrap.dedent("""
         model["m"] = T.ToySegmenter()
         return model["m"]
     cfg = T.toy_config("upernet.train.epochs=1")
-    training.train_fold(cfg, paths, "upernet", 0, model_factory=factory)
+    train_folds.train_fold(cfg, paths, "upernet", 0, model_factory=factory)
     rank = os.environ["RANK"]
     # the test's own record of each rank's weights (the package writes from rank 0 only)
     torch.save(model["m"].state_dict(), root / f"rank{{rank}}.pt")
-    training.distributed.shutdown()
+    train_folds.distributed.shutdown()
 """)
 
 
@@ -67,4 +68,4 @@ def test_two_process_gloo_run_trains_one_epoch_and_writes_once(tmp_path):
     # val images img00/02/04/06 are split over the ranks; the logged mean covers all four
     hist = pd.read_csv(paths.history_csv("upernet", 0))
     assert hist["val_image_number"].tolist() == [3.0]
-    assert oof.read_manifest(paths, "upernet", 0)["image_ids"] == ["img00", "img02", "img04", "img06"]
+    assert oof_cache.read_manifest(paths, "upernet", 0)["image_ids"] == ["img00", "img02", "img04", "img06"]

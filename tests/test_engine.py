@@ -5,15 +5,18 @@ from __future__ import annotations
 import logging
 import math
 
+import engine_toys as T
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from torch import nn
 
-import engine_toys as T
-from neuroseg import checkpoint, engine, oof, training
 from neuroseg.config import TrainConfig
+from neuroseg.evaluation import oof_cache
+from neuroseg.pipeline import train_folds
+from neuroseg.training import checkpoint, loop
+from neuroseg.utils.hashing import file_sha256
 
 
 @pytest.fixture()
@@ -22,7 +25,7 @@ def paths(tmp_path):
 
 
 def run(cfg, paths, fold=0, **kw):
-    return training.train_fold(cfg, paths, "upernet", fold, model_factory=T.ToySegmenter, **kw)
+    return train_folds.train_fold(cfg, paths, "upernet", fold, model_factory=T.ToySegmenter, **kw)
 
 
 def test_fold_writes_checkpoints_history_and_oof(paths):
@@ -52,11 +55,11 @@ def test_fold_writes_checkpoints_history_and_oof(paths):
     assert not T.same_weights(best["model"], last["model"])
 
     # OOF: val images of fold 0, in the original 32x40 although the model ran at scale 0.5
-    manifest = oof.read_manifest(paths, "upernet", 0)
+    manifest = oof_cache.read_manifest(paths, "upernet", 0)
     assert manifest["image_ids"] == ["img00", "img02", "img04", "img06"]
     assert manifest["config_hash"] == summary["config_hash"]
-    assert manifest["checkpoint_sha256"] == checkpoint.sha256_file(paths.best_checkpoint("upernet", 0))
-    cached = oof.load_oof(paths, "upernet", 0)
+    assert manifest["checkpoint_sha256"] == file_sha256(paths.best_checkpoint("upernet", 0))
+    cached = oof_cache.load_oof(paths, "upernet", 0)
     probs = cached["img00"]["probs"]
     assert probs.dtype == np.float16 and probs.shape == (3, T.H, T.W)
     assert np.allclose(probs.astype(np.float32).sum(0), 1.0, atol=1e-2)
@@ -77,7 +80,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run(T.toy_config(*overrides), cut, on_epoch_end=kill_after_first_epoch)
     assert checkpoint.load(cut.last_checkpoint("upernet", 0))["epoch"] == 1
-    assert not training.done_marker(cut, "upernet", 0).exists()
+    assert not train_folds.done_marker(cut, "upernet", 0).exists()
 
     epochs_run = []
     run(T.toy_config(*overrides), cut, on_epoch_end=lambda e, r: epochs_run.append(e))
@@ -115,7 +118,7 @@ def test_finished_fold_is_skipped_force_retrains_config_change_restarts(paths, c
     result = run(changed, paths, on_epoch_end=lambda e, r: epochs.append(e))
     assert epochs == [1, 1] and result["skipped"] is False
     assert "training afresh (config changed" in caplog.text
-    assert oof.read_manifest(paths, "upernet", 0)["config_hash"] == result["config_hash"]
+    assert oof_cache.read_manifest(paths, "upernet", 0)["config_hash"] == result["config_hash"]
     # only the fold's own config matters: training another subset of folds reuses this one
     subset = T.toy_config("upernet.train.epochs=1", "upernet.train.lr=0.02", "folds.train_folds=[0]")
     assert run(subset, paths)["skipped"] is True
@@ -126,8 +129,8 @@ def test_stale_or_partial_oof_is_rebuilt_without_retraining(paths):
     run(cfg, paths)
     oof_dir = paths.oof_dir("upernet", 0)
     (oof_dir / "img02.npz").unlink()  # partial cache
-    assert not oof.is_fresh(paths, "upernet", 0, oof.fold_config_hash(cfg, paths, "upernet"),
-                            checkpoint.sha256_file(paths.best_checkpoint("upernet", 0)))
+    assert not oof_cache.is_fresh(paths, "upernet", 0, oof_cache.fold_config_hash(cfg, paths, "upernet"),
+                            file_sha256(paths.best_checkpoint("upernet", 0)))
     epochs = []
     assert run(cfg, paths, on_epoch_end=lambda e, r: epochs.append(e))["skipped"] is True
     assert epochs == [] and (oof_dir / "img02.npz").is_file()
@@ -151,7 +154,7 @@ def test_max_train_steps_caps_an_epoch(paths):
 
 
 def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
-    f = [engine.lr_factor(s, total_steps=10, warmup_steps=2, min_lr_ratio=0.1) for s in range(11)]
+    f = [loop.lr_factor(s, total_steps=10, warmup_steps=2, min_lr_ratio=0.1) for s in range(11)]
     assert f[:2] == [0.5, 1.0]
     assert f[2] == pytest.approx(1.0)
     assert f[6] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
@@ -161,12 +164,12 @@ def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
 
 def test_optimizer_choice_and_no_decay_on_1d_params():
     model = T.ToySegmenter()
-    opt = engine.build_optimizer(model, TrainConfig(optimizer="sgd", weight_decay=0.1))
+    opt = loop.build_optimizer(model, TrainConfig(optimizer="sgd", weight_decay=0.1))
     assert isinstance(opt, torch.optim.SGD)
     decayed, plain = opt.param_groups
     assert all(p.ndim > 1 for p in decayed["params"]) and plain["weight_decay"] == 0.0
     with pytest.raises(ValueError, match="adamw or sgd"):
-        engine.build_optimizer(model, TrainConfig(optimizer="adam"))
+        loop.build_optimizer(model, TrainConfig(optimizer="adam"))
 
 
 def test_ema_ramps_up_and_copies_integer_buffers():
@@ -210,12 +213,12 @@ def test_real_model_trains_a_capped_epoch_and_caches_oof(preprocessed, model):
     cfg = config.load(None, ["device=cpu", "folds.n_folds=3", "data.train_scale=0.5", *TINY_MODELS[model],
                              f"{t}.epochs=1", f"{t}.max_train_steps_per_epoch=1", f"{t}.batch_size=2",
                              f"{t}.num_workers=0"])
-    summary = training.train_fold(cfg, preprocessed, model, 0)
+    summary = train_folds.train_fold(cfg, preprocessed, model, 0)
     assert np.isfinite(summary["best_metric"])
     hist = pd.read_csv(preprocessed.history_csv(model, 0))
     assert np.isfinite(hist["loss"]).all() and f"val_{summary['val_metric']}" in hist
-    (image_id, pred), = oof.load_oof(preprocessed, model, 0).items()
-    assert {k: str(v.dtype) for k, v in pred.items()} == {k: d for k, (d, _) in oof.SPEC[model].items()}
+    (image_id, pred), = oof_cache.load_oof(preprocessed, model, 0).items()
+    assert {k: str(v.dtype) for k, v in pred.items()} == {k: d for k, (d, _) in oof_cache.SPEC[model].items()}
     if model == "upernet":  # original 128x160, although the model saw 64x80
         assert pred["probs"].shape == (3, 128, 160)
     else:

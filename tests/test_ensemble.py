@@ -8,13 +8,14 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-
 from ensemble_toys import CELLS, H, W, boxset, ellipse_in, ellipse_mask_fn, image_pred, type_probs
+
 from neuroseg.config import CELL_TYPES
-from neuroseg.ensemble import (EnsembleParams, ImagePredictions, TypeParams, fuse,
-                               single_model, type_votes, vote_cell_type)
-from neuroseg.metric import image_score, iou_matrix
-from neuroseg.box_masks import paste_masks
+from neuroseg.ensemble.fusion import fuse, single_model, type_votes, vote_cell_type
+from neuroseg.ensemble.params import EnsembleParams, TypeParams
+from neuroseg.evaluation.metric import image_score, iou_matrix
+from neuroseg.structures.box_masks import paste_masks
+from neuroseg.structures.predictions import ImagePredictions
 
 
 def params_with(**type_fields) -> EnsembleParams:
@@ -90,8 +91,8 @@ def test_cell_type_vote():
 
 
 def test_the_image_classifier_votes_when_params_carry_one():
-    from neuroseg.celltype import CellTypeClassifier, feature_names
-    from neuroseg.ensemble import add_image_vote
+    from neuroseg.ensemble.celltype import CellTypeClassifier, feature_names
+    from neuroseg.ensemble.fusion import add_image_vote
 
     pred = image_pred("a", "astro")  # every model says astro
     image = np.full((H, W), 90, np.uint8)
@@ -207,7 +208,7 @@ def test_params_json_round_trip_and_errors():
 def test_params_json_carries_the_cell_type_classifier():
     import json
 
-    from neuroseg.celltype import CellTypeClassifier
+    from neuroseg.ensemble.celltype import CellTypeClassifier
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(9, 37)) + np.repeat(np.eye(3), 3, axis=0).repeat(13, axis=1)[:, :37]
@@ -222,7 +223,7 @@ def test_boxfusion_equals_ensemble_boxes():
 
     from ensemble_boxes import weighted_boxes_fusion as reference
 
-    from neuroseg.boxfusion import weighted_boxes_fusion
+    from neuroseg.ensemble.wbf import weighted_boxes_fusion
 
     rng = np.random.default_rng(0)
     for trial in range(30):
@@ -269,7 +270,7 @@ def test_mask_head_only_runs_on_boxes_that_can_pass_the_score_threshold():
 
 
 def test_degenerate_boxes_give_empty_crops():
-    from neuroseg.ensemble import build_candidates
+    from neuroseg.ensemble.fusion import build_candidates
 
     # on the bottom edge, zero high: neither the box nor the mask head's paste window holds a pixel
     # (this crashed on UPerNet's crop before); and a sliver with no pixel centre inside, whose

@@ -8,7 +8,7 @@ import pytest
 from tiny_kaggle import REAL_DATA
 
 from neuroseg.config import CELL_TYPES
-from neuroseg.folds import make_folds
+from neuroseg.data.folds import make_folds
 
 
 def images(counts: dict[str, int], sample_of=lambda t, i: "") -> pd.DataFrame:

@@ -20,8 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from neuroseg import kaggle_bundle, kaggle_notebook, kaggle_rehearsal, kaggle_wheels
-from neuroseg.kaggle_wheels import BundleError, canonical
+from neuroseg.kaggle import bundle as kaggle_bundle
+from neuroseg.kaggle import notebook as kaggle_notebook
+from neuroseg.kaggle import rehearsal as kaggle_rehearsal
+from neuroseg.kaggle import wheels as kaggle_wheels
+from neuroseg.kaggle.wheels import BundleError, canonical
 
 ROOT = Path(__file__).resolve().parents[1]
 USER = "test-user"
@@ -151,9 +154,9 @@ def trained(tmp_path_factory) -> Path:
     from predict_stubs import save_untrained_fold_models
 
     from neuroseg import config
-    from neuroseg.ensemble import EnsembleParams
-    from neuroseg.io_utils import atomic_write_json
+    from neuroseg.ensemble.params import EnsembleParams
     from neuroseg.paths import Paths
+    from neuroseg.utils.atomic_io import atomic_write_json
 
     out = tmp_path_factory.mktemp("trained")
     paths = Paths(out, out)
@@ -181,8 +184,8 @@ def site_listing() -> list[str]:
 
 @pytest.mark.slow
 def test_bundle_notebook_runs_offline_and_matches_06(trained, tmp_path):
-    from neuroseg.submission import validate_submission
-    from neuroseg.synth import write_dataset
+    from neuroseg.data.synthetic import write_dataset
+    from neuroseg.structures.submission_csv import validate_submission
 
     venv_before = site_listing()
     competition = Path(write_dataset(tmp_path / "competition", n_images=1, seed=0, n_test=2,

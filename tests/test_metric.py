@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from neuroseg import metric, rle
+from neuroseg.evaluation import metric
+from neuroseg.structures import rle
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sartorius-mini"
 H, W = 20, 30

@@ -11,10 +11,10 @@ from torchvision.ops import roi_align
 
 from neuroseg import config
 from neuroseg.models import MODELS, build
-from neuroseg.box_masks import paste_masks
 from neuroseg.models.upernet import probs_to_instances
 from neuroseg.models.weights import WeightsError, load_weights
-from neuroseg.models.yolox import YoloxModel, box_ap50
+from neuroseg.models.yolox import box_ap50
+from neuroseg.structures.box_masks import paste_masks
 
 TINY = {
     "yolox": ["yolox.size=nano", "yolox.input_size=128", "yolox.mosaic_prob=0"],

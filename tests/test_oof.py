@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from neuroseg import oof, training
+from neuroseg.evaluation import oof_cache
 from neuroseg.paths import Paths
+from neuroseg.pipeline import train_folds
 
 
 def det(n: int, masks: bool = False) -> dict:
@@ -28,26 +29,26 @@ def paths(tmp_path):
 
 
 def test_write_then_load_casts_to_the_documented_dtypes(paths):
-    oof.write_oof(paths, "maskrcnn", 1, [("a", det(3, masks=True)), ("b", det(1, masks=True))], "cfg1", "sha1")
+    oof_cache.write_oof(paths, "maskrcnn", 1, [("a", det(3, masks=True)), ("b", det(1, masks=True))], "cfg1", "sha1")
     manifest = json.loads((paths.oof_dir("maskrcnn", 1) / "manifest.json").read_text())
     assert manifest == {"model": "maskrcnn", "fold": 1, "config_hash": "cfg1", "checkpoint_sha256": "sha1",
                         "image_ids": ["a", "b"], "format": 1}
-    loaded = oof.load_oof(paths, "maskrcnn", 1)
+    loaded = oof_cache.load_oof(paths, "maskrcnn", 1)
     a = loaded["a"]
     assert {k: str(v.dtype) for k, v in a.items()} == {
         "boxes": "float32", "scores": "float32", "labels": "int64", "mask_probs": "float16"}
     assert a["boxes"].shape == (3, 4) and a["mask_probs"].shape == (3, 28, 28)
     assert np.allclose(a["boxes"], det(3)["boxes"], atol=1e-4)
-    assert [i for i, _ in oof.iter_oof(paths, "maskrcnn", 1)] == ["a", "b"]
+    assert [i for i, _ in oof_cache.iter_oof(paths, "maskrcnn", 1)] == ["a", "b"]
 
 
 def test_empty_detections_and_upernet_shapes(paths):
     empty = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, int)}
-    oof.write_oof(paths, "yolox", 0, [("x", empty)], "c", "s")
-    assert oof.load_oof(paths, "yolox", 0)["x"]["boxes"].shape == (0, 4)
+    oof_cache.write_oof(paths, "yolox", 0, [("x", empty)], "c", "s")
+    assert oof_cache.load_oof(paths, "yolox", 0)["x"]["boxes"].shape == (0, 4)
     probs = np.full((3, 4, 5), 1 / 3)
-    oof.write_oof(paths, "upernet", 0, [("x", {"probs": probs, "cell_type_probs": [0.2, 0.3, 0.5]})], "c", "s")
-    got = oof.load_oof(paths, "upernet", 0)["x"]
+    oof_cache.write_oof(paths, "upernet", 0, [("x", {"probs": probs, "cell_type_probs": [0.2, 0.3, 0.5]})], "c", "s")
+    got = oof_cache.load_oof(paths, "upernet", 0)["x"]
     assert got["probs"].dtype == np.float16 and got["probs"].shape == (3, 4, 5)
     assert got["cell_type_probs"].dtype == np.float32
 
@@ -60,59 +61,59 @@ def test_empty_detections_and_upernet_shapes(paths):
     ("upernet", {"probs": np.zeros((2, 4, 4)), "cell_type_probs": np.zeros(3)}, r"expected \(3,H,W\)"),
 ])
 def test_malformed_prediction_is_refused_and_leaves_no_cache(paths, model, pred, match):
-    with pytest.raises(oof.OOFError, match=match):
-        oof.write_oof(paths, model, 0, [("img7", pred)], "c", "s")
+    with pytest.raises(oof_cache.OOFError, match=match):
+        oof_cache.write_oof(paths, model, 0, [("img7", pred)], "c", "s")
     assert not paths.oof_dir(model, 0).exists()
     assert not list(paths.oof_dir(model, 0).parent.glob(".fold0.tmp-*"))  # temp dir cleaned up
 
 
 def test_freshness_follows_config_checkpoint_and_completeness(paths):
-    oof.write_oof(paths, "yolox", 2, [("a", det(2)), ("b", det(1))], "cfg", "sha")
-    assert oof.is_fresh(paths, "yolox", 2, "cfg", "sha")
-    assert not oof.is_fresh(paths, "yolox", 2, "other", "sha")
-    assert not oof.is_fresh(paths, "yolox", 2, "cfg", "other")
-    assert not oof.is_fresh(paths, "yolox", 1, "cfg", "sha")
+    oof_cache.write_oof(paths, "yolox", 2, [("a", det(2)), ("b", det(1))], "cfg", "sha")
+    assert oof_cache.is_fresh(paths, "yolox", 2, "cfg", "sha")
+    assert not oof_cache.is_fresh(paths, "yolox", 2, "other", "sha")
+    assert not oof_cache.is_fresh(paths, "yolox", 2, "cfg", "other")
+    assert not oof_cache.is_fresh(paths, "yolox", 1, "cfg", "sha")
     (paths.oof_dir("yolox", 2) / "b.npz").unlink()
-    assert not oof.is_fresh(paths, "yolox", 2, "cfg", "sha")
-    with pytest.raises(oof.OOFError, match="partial OOF cache"):
-        oof.load_oof(paths, "yolox", 2)
+    assert not oof_cache.is_fresh(paths, "yolox", 2, "cfg", "sha")
+    with pytest.raises(oof_cache.OOFError, match="partial OOF cache"):
+        oof_cache.load_oof(paths, "yolox", 2)
 
 
 def test_rewrite_replaces_the_whole_cache_never_mixes(paths):
-    oof.write_oof(paths, "yolox", 0, [("old1", det(1)), ("old2", det(1))], "v1", "s")
-    oof.write_oof(paths, "yolox", 0, [("new", det(2))], "v2", "s")
+    oof_cache.write_oof(paths, "yolox", 0, [("old1", det(1)), ("old2", det(1))], "v1", "s")
+    oof_cache.write_oof(paths, "yolox", 0, [("new", det(2))], "v2", "s")
     d = paths.oof_dir("yolox", 0)
     assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "new.npz"]
     assert not [p for p in d.parent.iterdir() if p.name.startswith(".")]
 
 
 def test_a_failed_rewrite_keeps_the_previous_cache(paths):
-    oof.write_oof(paths, "yolox", 0, [("a", det(1))], "v1", "s")
+    oof_cache.write_oof(paths, "yolox", 0, [("a", det(1))], "v1", "s")
 
     def broken():
         yield "b", det(1)
         raise RuntimeError("killed mid-way")
 
     with pytest.raises(RuntimeError, match="killed"):
-        oof.write_oof(paths, "yolox", 0, broken(), "v2", "s")
-    assert oof.is_fresh(paths, "yolox", 0, "v1", "s")
-    assert list(oof.load_oof(paths, "yolox", 0)) == ["a"]
+        oof_cache.write_oof(paths, "yolox", 0, broken(), "v2", "s")
+    assert oof_cache.is_fresh(paths, "yolox", 0, "v1", "s")
+    assert list(oof_cache.load_oof(paths, "yolox", 0)) == ["a"]
 
 
 def test_missing_cache_error_says_what_to_run(paths):
-    with pytest.raises(oof.OOFError, match="train the model first"):
-        oof.load_oof(paths, "upernet", 3)
+    with pytest.raises(oof_cache.OOFError, match="train the model first"):
+        oof_cache.load_oof(paths, "upernet", 3)
 
 
 def test_to_original_undoes_the_training_scale_per_axis():
     pred = {"boxes": torch.tensor([[10.0, 20.0, 30.0, 26.0]]), "scores": torch.tensor([0.9]),
             "labels": torch.tensor([3]), "mask_probs": torch.rand(1, 28, 28)}
-    got = oof.to_original("maskrcnn", pred, input_hw=(26, 35), original_hw=(52, 70))
+    got = oof_cache.to_original("maskrcnn", pred, input_hw=(26, 35), original_hw=(52, 70))
     assert np.allclose(got["boxes"], [[20, 40, 60, 52]])
     assert np.allclose(got["mask_probs"], pred["mask_probs"].numpy(), atol=1e-3)  # box-relative: as is
     probs = torch.zeros(3, 2, 3)
     probs[1, :, :] = 1.0
-    up = oof.to_original("upernet", {"probs": probs, "cell_type_probs": torch.tensor([1.0, 0, 0])},
+    up = oof_cache.to_original("upernet", {"probs": probs, "cell_type_probs": torch.tensor([1.0, 0, 0])},
                          input_hw=(2, 3), original_hw=(4, 6))
     assert up["probs"].shape == (3, 4, 6) and np.all(up["probs"][1] == 1)
 
@@ -131,7 +132,7 @@ def test_predict_images_reports_original_coordinates(tmp_path):
 
     for name, (h, w) in {"p": (52, 70), "q": (40, 40)}.items():  # two sizes in one batch
         Image.fromarray(np.zeros((h, w), np.uint8)).save(tmp_path / f"{name}.png")
-    out = dict(training.predict_images(FullImageBox(), "yolox", [tmp_path / "p.png", tmp_path / "q.png"],
+    out = dict(train_folds.predict_images(FullImageBox(), "yolox", [tmp_path / "p.png", tmp_path / "q.png"],
                                        scale=0.5, batch_size=2, device=torch.device("cpu")))
     assert np.allclose(out["p"]["boxes"], [[0, 0, 70, 52]])
     assert np.allclose(out["q"]["boxes"], [[0, 0, 40, 40]])
@@ -140,14 +141,14 @@ def test_predict_images_reports_original_coordinates(tmp_path):
 # ---- score-oof ----
 
 def truth_of(paths, image_id):
-    from neuroseg.data import group_records, read_train_csv
+    from neuroseg.data.records import group_records, read_train_csv
 
     return next(r for r in group_records(read_train_csv(paths.clean_train_csv, paths.train_images))
                 if r.image_id == image_id)
 
 
 def perfect(model, rec):
-    from neuroseg.oof_score import truth_boxes, truth_indices
+    from neuroseg.pipeline.score_oof import truth_boxes, truth_indices
 
     boxes = truth_boxes(rec).numpy()
     n = len(boxes)
@@ -170,6 +171,7 @@ def perfect(model, rec):
                                                   ("upernet", "score", 1.0)])
 def test_score_oof_cli_scores_a_perfect_cache_high_and_a_miss_zero(tmp_path, capsys, model, key, expected):
     import engine_toys as T
+
     from neuroseg import cli
 
     paths = T.make_dataset(tmp_path, n_images=8)
@@ -179,7 +181,7 @@ def test_score_oof_cli_scores_a_perfect_cache_high_and_a_miss_zero(tmp_path, cap
         preds["img06"]["probs"][:] = np.array([1.0, 0, 0])[:, None, None]
     else:  # one image's boxes moved off its cells
         preds["img06"]["boxes"] = preds["img06"]["boxes"][:, [2, 3, 2, 3]] + [0, 0, 3, 3]
-    oof.write_oof(paths, model, 0, list(preds.items()), "c", "s")
+    oof_cache.write_oof(paths, model, 0, list(preds.items()), "c", "s")
     argv = ["score-oof", model, "--data-dir", str(paths.data_dir), "--output-dir", str(paths.output_dir),
             "--set", "folds.n_folds=2", "--json"]
     assert cli.main(argv) == 0

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from neuroseg import tta
-from neuroseg.inference import FoldEnsemble, iter_predictions, load_fold_models
-from neuroseg.paths import Paths
 from predict_stubs import StubDetector, StubSegmenter, asymmetric_image, bright_box, save_untrained_fold_models
+
+from neuroseg.inference import tta
+from neuroseg.inference.fold_models import FoldEnsemble, iter_predictions, load_fold_models
+from neuroseg.paths import Paths
 
 # asymmetric_image's bright rectangle in original pixels, xyxy edges
 RECT = np.array([[20, 4, 36, 12]], dtype=np.float32)
@@ -150,8 +150,8 @@ def kaggle_test_dir(root, images: dict[str, np.ndarray]) -> Paths:
 
 
 def write_default_params(paths: Paths) -> None:
-    from neuroseg.ensemble import EnsembleParams
-    from neuroseg.io_utils import atomic_write_json
+    from neuroseg.ensemble.params import EnsembleParams
+    from neuroseg.utils.atomic_io import atomic_write_json
 
     # the layout 05_ensemble.py writes (report.run_ensemble); only "params" is read back
     atomic_write_json(paths.ensemble_params, {"format": 1, "params": EnsembleParams().to_json(), "scores": {}})
@@ -178,8 +178,9 @@ def stub_test_set(tmp_path):
 
 @pytest.mark.parametrize("only", [None, "maskrcnn", "upernet"])
 def test_make_submission_rows_match_the_image(stub_test_set, only):
-    from neuroseg import config, rle
-    from neuroseg.predict import make_submission
+    from neuroseg import config
+    from neuroseg.pipeline.make_submission import make_submission
+    from neuroseg.structures import rle
 
     paths = stub_test_set
     cfg = config.load(None, ["submission.tta_flips=true"])
@@ -200,10 +201,11 @@ def test_make_submission_rows_match_the_image(stub_test_set, only):
 
 def test_make_submission_refuses_an_invalid_csv(stub_test_set, monkeypatch):
     """Overlapping masks break the scorer's rules: the CSV is not put in place, the error lists why."""
-    from neuroseg import config, instances
-    from neuroseg.predict import SubmissionError, make_submission
+    from neuroseg import config
+    from neuroseg.pipeline.make_submission import SubmissionError, make_submission
+    from neuroseg.structures import label_image
 
-    monkeypatch.setattr(instances, "label_to_rles", lambda label: ["1 5", "3 5"])
+    monkeypatch.setattr(label_image, "label_to_rles", lambda label: ["1 5", "3 5"])
     with pytest.raises(SubmissionError, match="overlap"):
         make_submission(config.load(None, []), stub_test_set, folds=stub_ensemble(False))
     assert not stub_test_set.submission_csv.exists()
@@ -211,7 +213,7 @@ def test_make_submission_refuses_an_invalid_csv(stub_test_set, monkeypatch):
 
 def test_make_submission_needs_tuned_params(stub_test_set):
     from neuroseg import config
-    from neuroseg.predict import make_submission
+    from neuroseg.pipeline.make_submission import make_submission
 
     stub_test_set.ensemble_params.write_text('{"format": 1, "params": {"ensemble": {}}}')
     with pytest.raises(ValueError, match="params.json.*rerun 05_ensemble.py"):
@@ -253,7 +255,7 @@ def script_args(paths: Paths, *extra: str) -> list[str]:
 def test_06_script_writes_valid_submissions(trained):
     import importlib.util
 
-    from neuroseg.submission import validate_submission
+    from neuroseg.structures.submission_csv import validate_submission
 
     spec = importlib.util.spec_from_file_location("make_submission", "06_make_submission.py")
     script = importlib.util.module_from_spec(spec)
@@ -293,7 +295,7 @@ def test_predict_cli_mixed_png_and_tiff(trained, tmp_path):
 
 
 def test_predict_cli_refuses_two_images_with_one_name(tmp_path, capsys):
-    from neuroseg.predict import cli_predict
+    from neuroseg.inference.predict import cli_predict
 
     src = tmp_path / "images"
     src.mkdir()

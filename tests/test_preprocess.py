@@ -14,13 +14,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 from pycocotools.coco import COCO
-from tiny_kaggle import H, REAL_DATA, W, rect, write_dataset
+from tiny_kaggle import REAL_DATA, H, W, rect, write_dataset
 
 from neuroseg import config
-from neuroseg.data import DataError, read_train_csv
+from neuroseg.data.records import DataError, read_train_csv
+from neuroseg.data.semantic_targets import semantic_target_from_rles
 from neuroseg.paths import Paths
-from neuroseg.preprocess import run_preprocess
-from neuroseg.semantic import semantic_target_from_rles
+from neuroseg.pipeline.preprocess import run_preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 

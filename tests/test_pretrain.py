@@ -17,12 +17,15 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import draw_cells, preprocessed_kaggle_set
 from pycocotools import mask as mask_utils
 
-from conftest import draw_cells, preprocessed_kaggle_set
-from neuroseg import checkpoint, config, engine, models, oof, training
-from neuroseg.coco_stream import JSONStreamError, iter_top_level
+from neuroseg import config, models
+from neuroseg.data.coco.stream import JSONStreamError, iter_top_level
+from neuroseg.evaluation import oof_cache
 from neuroseg.paths import Paths
+from neuroseg.pipeline import train_folds
+from neuroseg.training import checkpoint, loop
 
 LIVE_H, LIVE_W = 80, 96
 LINES = {"SHSY5Y": "shsy5y", "A172": "cort"}  # cell line -> how the drawn cells look
@@ -121,8 +124,8 @@ def test_stream_reader_matches_json_load_at_any_chunk_size(tmp_path):
 # ---- index and dataset ----
 
 def test_index_and_dataset_decode_livecell_masks(data):
-    from neuroseg.coco_dataset import ClassMapping, CocoInstanceDataset
-    from neuroseg.coco_index import CocoIndex, build_index
+    from neuroseg.data.coco.dataset import ClassMapping, CocoInstanceDataset
+    from neuroseg.data.coco.index import CocoIndex, build_index
 
     paths, truth = data
     json_path = paths.livecell_json("train")
@@ -159,7 +162,7 @@ def test_index_and_dataset_decode_livecell_masks(data):
 
 
 def test_index_problems_are_listed_and_an_unchanged_json_is_not_reindexed(data, tmp_path):
-    from neuroseg.coco_index import CocoIndexError, build_index
+    from neuroseg.data.coco.index import CocoIndexError, build_index
 
     paths, _ = data
     src = paths.livecell_json("val")
@@ -193,7 +196,7 @@ def flat_outputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("model_name", ["yolox", "maskrcnn", "upernet"])
 def test_pretrain_then_finetune_starts_from_the_checkpoint(data, model_name, monkeypatch):
-    from neuroseg.pretrain import load_pretrained, pretrain_model
+    from neuroseg.pipeline.pretrain import load_pretrained, pretrain_model
 
     paths, _ = data
     cfg = tiny_config(model_name)
@@ -214,21 +217,21 @@ def test_pretrain_then_finetune_starts_from_the_checkpoint(data, model_name, mon
     a, b = flat_outputs(loaded, x), flat_outputs(fresh, x)
     assert a.shape != b.shape or not torch.allclose(a, b)
 
-    # the fold trainer hands engine.fit the pretrained weights, and its config hash says so
+    # the fold trainer hands loop.fit the pretrained weights, and its config hash says so
     seen = {}
-    real_fit = engine.fit
+    real_fit = loop.fit
 
     def spy(model, *args, **kw):
         seen["state"] = {k: v.clone() for k, v in model.state_dict().items()}
         return real_fit(model, *args, **kw)
 
-    monkeypatch.setattr(training.engine, "fit", spy)
+    monkeypatch.setattr(train_folds.loop, "fit", spy)
     tuned = tiny_config(model_name, "pretrain.enabled=true")
-    result = training.train_fold(tuned, paths, model_name, 0)
+    result = train_folds.train_fold(tuned, paths, model_name, 0)
     ckpt = checkpoint.load(best)["model"]
     assert all(torch.equal(seen["state"][k], ckpt[k]) for k in ckpt)
-    assert result["config_hash"] == oof.fold_config_hash(tuned, paths, model_name)
-    assert result["config_hash"] != oof.fold_config_hash(cfg, paths, model_name)
+    assert result["config_hash"] == oof_cache.fold_config_hash(tuned, paths, model_name)
+    assert result["config_hash"] != oof_cache.fold_config_hash(cfg, paths, model_name)
     assert np.isfinite(result["best_metric"])
 
 
@@ -241,14 +244,14 @@ def test_train_model_pretrains_first_a_lone_fold_names_the_command(data, caplog)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(p.read_bytes())
     with pytest.raises(FileNotFoundError, match="python -m neuroseg pretrain upernet"):
-        training.train_fold(cfg, fresh, "upernet", 1)
-    (summary,) = training.train_model(cfg, fresh, "upernet")
+        train_folds.train_fold(cfg, fresh, "upernet", 1)
+    (summary,) = train_folds.train_model(cfg, fresh, "upernet")
     assert fresh.pretrain_best("upernet").is_file() and summary["fold"] == 1
     # a best.pt brought without its data (an offline notebook) is used as it is
     moved = tiny_config("upernet", "pretrain.enabled=true", "folds.train_folds=[1]",
                         "pretrain.train_json=nowhere.json")
     with caplog.at_level(logging.WARNING, logger="neuroseg"):
-        (again,) = training.train_model(moved, fresh, "upernet")
+        (again,) = train_folds.train_model(moved, fresh, "upernet")
     assert again["skipped"] is True and "nowhere.json not found" in caplog.text
 
 

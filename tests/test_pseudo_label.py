@@ -6,20 +6,22 @@ from __future__ import annotations
 
 import shutil
 
+import engine_toys as T
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-
-import engine_toys as T
-from neuroseg import config, oof, rle, training
-from neuroseg.config import PseudoLabelConfig
-from neuroseg.data import DataError
-from neuroseg.inference import FoldEnsemble
-from neuroseg.paths import Paths
-from neuroseg.pseudo_data import PSEUDO_COLUMNS, holdout_ids, read_pseudo_labels
-from neuroseg.pseudo_label import collect_images, filter_instances, make_pseudo_labels
 from predict_stubs import StubDetector, StubSegmenter, asymmetric_image
+
+from neuroseg import config
+from neuroseg.config import PseudoLabelConfig
+from neuroseg.data.pseudo_labels import PSEUDO_COLUMNS, holdout_ids, read_pseudo_labels
+from neuroseg.data.records import DataError
+from neuroseg.evaluation import oof_cache
+from neuroseg.inference.fold_models import FoldEnsemble
+from neuroseg.pipeline import train_folds
+from neuroseg.pipeline.make_pseudo_labels import collect_images, filter_instances, make_pseudo_labels
+from neuroseg.structures import rle
 
 STUB_SCORE = 0.7157  # the fused score of the stubs' one cell in asymmetric_image (default params)
 
@@ -68,7 +70,7 @@ def unlabelled(tmp_path):
 
 
 def test_make_pseudo_labels_per_fold_and_thresholds(unlabelled, tmp_path):
-    from neuroseg.ensemble import EnsembleParams
+    from neuroseg.ensemble.params import EnsembleParams
 
     images = sorted(unlabelled.glob("*.png"))
     out = tmp_path / "pseudo" / "labels.csv"
@@ -133,29 +135,29 @@ def test_pseudo_labels_join_training_splits_never_validation(toy):
     paths, csv = toy
     cfg = T.toy_config("pseudo.enabled=true", f"pseudo.csv={csv}")
     for fold, extra in ((0, ["u1"]), (1, ["u1", "u2"])):
-        train, val = training.load_fold_records(cfg, paths, fold)
-        train_set, val_set = training.build_datasets(cfg, paths, train, val, fold)
+        train, val = train_folds.load_fold_records(cfg, paths, fold)
+        train_set, val_set = train_folds.build_datasets(cfg, paths, train, val, fold)
         assert split_ids(train_set) == [r.image_id for r in train] + extra
         assert split_ids(val_set) == [r.image_id for r in val]  # nothing pseudo in validation
         image, target = train_set[len(train_set) - 1]  # read from its own folder
         assert image.shape == (3, T.H // 2, T.W // 2) and target["image_id"] == extra[-1]
         assert target["labels"].tolist() == [2] and int(target["cell_type"]) == 1  # astro
 
-    summary = training.train_fold(cfg, paths, "upernet", 1, model_factory=T.ToySegmenter)
-    assert not {"u1", "u2"} & set(oof.read_manifest(paths, "upernet", 1)["image_ids"])
+    summary = train_folds.train_fold(cfg, paths, "upernet", 1, model_factory=T.ToySegmenter)
+    assert not {"u1", "u2"} & set(oof_cache.read_manifest(paths, "upernet", 1)["image_ids"])
     plain = T.toy_config()
     # the hash the fold was trained under is the one 05 and score-oof check the cache against
-    assert summary["config_hash"] == oof.fold_config_hash(cfg, paths, "upernet")
-    assert summary["config_hash"] != oof.fold_config_hash(plain, paths, "upernet")
+    assert summary["config_hash"] == oof_cache.fold_config_hash(cfg, paths, "upernet")
+    assert summary["config_hash"] != oof_cache.fold_config_hash(plain, paths, "upernet")
 
 
 def test_pseudo_label_of_a_labelled_image_or_a_bad_row_is_an_error(toy, tmp_path):
     paths, csv = toy
     cfg = T.toy_config("pseudo.enabled=true", f"pseudo.csv={csv}")
     write_pseudo_csv(csv, [("img03", "", "1 5")], paths.train_images)
-    train, val = training.load_fold_records(cfg, paths, 0)
+    train, val = train_folds.load_fold_records(cfg, paths, 0)
     with pytest.raises(DataError, match=r"labelled images of this run, e\.g\. \['img03'\]"):
-        training.build_datasets(cfg, paths, train, val, 0)
+        train_folds.build_datasets(cfg, paths, train, val, 0)
 
     write_pseudo_csv(csv, [("u1", "7", "1 5"), ("u1", "x", "5 1 1 1")], tmp_path / "unlabelled")
     with pytest.raises(DataError) as err:
@@ -164,12 +166,12 @@ def test_pseudo_label_of_a_labelled_image_or_a_bad_row_is_an_error(toy, tmp_path
     assert "line 3, id 'u1': bad annotation" in str(err.value)
     write_pseudo_csv(csv, [("u1", "7", "1 5")], tmp_path / "unlabelled")
     with pytest.raises(DataError, match=r"rows for fold\(s\) \['7'\], but n_folds=2"):
-        training.build_datasets(cfg, paths, train, val, 0)
+        train_folds.build_datasets(cfg, paths, train, val, 0)
     missing = T.toy_config("pseudo.enabled=true", f"pseudo.csv={tmp_path / 'none.csv'}")
     with pytest.raises(FileNotFoundError, match="python -m neuroseg pseudo-label"):
-        training.build_datasets(missing, paths, train, val, 0)
+        train_folds.build_datasets(missing, paths, train, val, 0)
     with pytest.raises(FileNotFoundError, match="run 02-05 with --set pseudo.enabled=false"):
-        training.train_model(missing, paths, "upernet")  # at once, before any training
+        train_folds.train_model(missing, paths, "upernet")  # at once, before any training
 
 
 def test_holdout_leaves_every_split_and_may_be_pseudo_labelled(toy, tmp_path):
@@ -181,7 +183,7 @@ def test_holdout_leaves_every_split_and_may_be_pseudo_labelled(toy, tmp_path):
     assert len(held) == 2 and len(set(folds.set_index("id").loc[sorted(held), "cell_type"])) == 2
     assert holdout_ids(cfg, folds) == held and holdout_ids(T.toy_config(), folds) == set()
     for fold in (0, 1):
-        train, val = training.load_fold_records(cfg, paths, fold)
+        train, val = train_folds.load_fold_records(cfg, paths, fold)
         assert not held & {r.image_id for r in (*train, *val)}
         assert len(train) + len(val) == 6
 
@@ -190,8 +192,8 @@ def test_holdout_leaves_every_split_and_may_be_pseudo_labelled(toy, tmp_path):
     h = sorted(held)[0]
     write_pseudo_csv(csv, [(h, "", "1 5")], paths.train_images)
     on = T.toy_config("pseudo.holdout_fraction=0.25", "pseudo.enabled=true", f"pseudo.csv={csv}")
-    train, val = training.load_fold_records(on, paths, 0)
-    train_set, _ = training.build_datasets(on, paths, train, val, 0)
+    train, val = train_folds.load_fold_records(on, paths, 0)
+    train_set, _ = train_folds.build_datasets(on, paths, train, val, 0)
     assert split_ids(train_set)[-1] == h
 
     labelled = tmp_path / "labelled"
@@ -215,10 +217,11 @@ TINY = ["device=cpu", "folds.n_folds=2", "data.train_scale=1.0", "yolox.size=nan
 def test_pseudo_label_cli(toy, tmp_path, capsys):
     import torch
 
-    from neuroseg import checkpoint, models
+    from neuroseg import models
     from neuroseg.cli import main
-    from neuroseg.ensemble import EnsembleParams
-    from neuroseg.io_utils import atomic_write_json
+    from neuroseg.ensemble.params import EnsembleParams
+    from neuroseg.training import checkpoint
+    from neuroseg.utils.atomic_io import atomic_write_json
 
     paths, _ = toy
     cfg = config.load(None, TINY)

@@ -9,7 +9,7 @@ import pytest
 from pycocotools import mask as mask_utils
 from tiny_kaggle import REAL_DATA
 
-from neuroseg import rle
+from neuroseg.structures import rle
 
 # 3 x 4, row-major pixels 1, 2 and 7, 8: the second run wraps from row 1 into row 2
 KNOWN_MASK = np.array([[0, 1, 1, 0],

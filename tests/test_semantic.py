@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from skimage.measure import label
 
-from neuroseg import rle
-from neuroseg.semantic import semantic_target, semantic_target_from_rles
+from neuroseg.data.semantic_targets import semantic_target, semantic_target_from_rles
+from neuroseg.structures import rle
 
 
 def square(shape, y0, x0, size):

@@ -1,4 +1,4 @@
-"""submission.csv: writing it and every rule of the validator, each with its message."""
+"""submission_csv.csv: writing it and every rule of the validator, each with its message."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from neuroseg import rle, submission
+from neuroseg.structures import rle, submission_csv
 
 H, W = 6, 8
 HH, WW = 20, 30  # the decoder tests: room for random masks
@@ -40,29 +40,29 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_write_submission_rows_and_empty_images(tmp_path):
-    path = submission.write_submission({"a": ["1 2", "5 1"], "b": [], "c": [""]}, tmp_path / "out" / "sub.csv")
+    path = submission_csv.write_submission({"a": ["1 2", "5 1"], "b": [], "c": [""]}, tmp_path / "out" / "sub.csv")
     assert path.read_text() == "id,predicted\na,1 2\na,5 1\nb,\nc,\n"
-    path = submission.write_submission(iter([("x", ("3 1",))]), tmp_path / "sub2.csv")
+    path = submission_csv.write_submission(iter([("x", ("3 1",))]), tmp_path / "sub2.csv")
     assert path.read_text() == "id,predicted\nx,3 1\n"
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["out", "sub.csv", "sub2.csv"]  # no temp file left
 
 
 def test_write_submission_rejects_bad_ids(tmp_path):
     with pytest.raises(ValueError, match="'a' given twice"):
-        submission.write_submission([("a", ["1 1"]), ("a", [])], tmp_path / "s.csv")
+        submission_csv.write_submission([("a", ["1 1"]), ("a", [])], tmp_path / "s.csv")
     with pytest.raises(ValueError, match="'a,b': must be a non-empty string"):
-        submission.write_submission({"a,b": []}, tmp_path / "s.csv")
+        submission_csv.write_submission({"a,b": []}, tmp_path / "s.csv")
     with pytest.raises(ValueError, match="would break the CSV"):
-        submission.write_submission({"a": ["1 2\nb,3 4"]}, tmp_path / "s.csv")
+        submission_csv.write_submission({"a": ["1 2\nb,3 4"]}, tmp_path / "s.csv")
     with pytest.raises(TypeError, match="one string"):
-        submission.write_submission({"a": "1 1"}, tmp_path / "s.csv")
+        submission_csv.write_submission({"a": "1 1"}, tmp_path / "s.csv")
     assert not (tmp_path / "s.csv").exists()
 
 
 def test_valid_file_passes(tmp_path, test_dir):
-    path = submission.write_submission({"a": ["1 3", "9 2 17 2"], "b": []}, tmp_path / "sub.csv")
-    assert submission.validate_submission(path, test_dir) == []
-    assert submission.validate_submission(path, shape=(H, W)) == []
+    path = submission_csv.write_submission({"a": ["1 3", "9 2 17 2"], "b": []}, tmp_path / "sub.csv")
+    assert submission_csv.validate_submission(path, test_dir) == []
+    assert submission_csv.validate_submission(path, shape=(H, W)) == []
 
 
 @pytest.mark.parametrize("rle_text, problem", [
@@ -76,7 +76,7 @@ def test_valid_file_passes(tmp_path, test_dir):
 ])
 def test_each_bad_rle_is_reported_with_file_line_and_id(tmp_path, test_dir, rle_text, problem):
     path = write(tmp_path, f"id,predicted\na,1 1\nb,{rle_text}\nb,{rle_text}\n")
-    problems = submission.validate_submission(path, test_dir)
+    problems = submission_csv.validate_submission(path, test_dir)
     assert len(problems) == 2
     for line, text in zip((3, 4), problems):
         assert text.startswith(f"{path}: line {line}, id 'b': {problem}"), text
@@ -85,7 +85,7 @@ def test_each_bad_rle_is_reported_with_file_line_and_id(tmp_path, test_dir, rle_
 def test_overlapping_masks_name_both_lines_and_the_pixel_count(tmp_path):
     path = write(tmp_path, "id,predicted\na,1 4\nb,1 4\na,3 4\na,6 1\n")
     # lines 2 and 4 share pixels 3, 4; lines 4 and 5 share pixel 6; b is another image
-    assert submission.validate_submission(path, shape=(H, W)) == [
+    assert submission_csv.validate_submission(path, shape=(H, W)) == [
         f"{path}: lines 2 and 4, id 'a': masks overlap in 2 pixel(s)",
         f"{path}: lines 4 and 5, id 'a': masks overlap in 1 pixel(s)",
     ]
@@ -93,7 +93,7 @@ def test_overlapping_masks_name_both_lines_and_the_pixel_count(tmp_path):
 
 def test_missing_and_unknown_ids(tmp_path, test_dir):
     path = write(tmp_path, "id,predicted\na,\nzz,1 1\nzz,3 1\n")
-    assert submission.validate_submission(path, test_dir) == [
+    assert submission_csv.validate_submission(path, test_dir) == [
         f"{path}: line 3, id 'zz': unknown id (no zz.png in {test_dir})",
         f"{path}: id 'b' ({test_dir / 'b.png'}) has no row",
     ]
@@ -101,32 +101,32 @@ def test_missing_and_unknown_ids(tmp_path, test_dir):
 
 def test_image_size_comes_from_the_png(tmp_path, test_dir):
     path = write(tmp_path, f"id,predicted\na,{H * W} 1\nb,{H * W + 1} 1\n")  # fits 6x8 only for line 2
-    assert submission.validate_submission(path, test_dir) == [
+    assert submission_csv.validate_submission(path, test_dir) == [
         f"{path}: line 3, id 'b': bad RLE: run past the image: pair 1 ends at pixel {H * W + 1} > {H * W} "
         f"(height {H} x width {W})"]
-    assert submission.validate_submission(path) == []  # the 520 x 704 default holds both
+    assert submission_csv.validate_submission(path) == []  # the 520 x 704 default holds both
 
 
 def test_structure_violations(tmp_path):
-    assert submission.validate_submission(tmp_path / "nope.csv") == [f"{tmp_path / 'nope.csv'}: file not found"]
+    assert submission_csv.validate_submission(tmp_path / "nope.csv") == [f"{tmp_path / 'nope.csv'}: file not found"]
     path = write(tmp_path, "id,rle\na,1 1\n")
-    assert submission.validate_submission(path) == [
+    assert submission_csv.validate_submission(path) == [
         f"{path}: line 1: header ['id', 'rle'] must be exactly ['id', 'predicted']"]
     path = write(tmp_path, "id,predicted\n")
-    assert submission.validate_submission(path) == [f"{path}: no rows after the header"]
+    assert submission_csv.validate_submission(path) == [f"{path}: no rows after the header"]
     path = write(tmp_path, "id,predicted\na,1 1,extra\n,2 1\n")
-    assert submission.validate_submission(path) == [
+    assert submission_csv.validate_submission(path) == [
         f"{path}: line 2: expected 2 fields (id,predicted), got 3: ['a', '1 1', 'extra']",
         f"{path}: line 3, id '': empty id"]
     with pytest.raises(FileNotFoundError, match="test dir not found"):
-        submission.validate_submission(path, tmp_path / "missing")
+        submission_csv.validate_submission(path, tmp_path / "missing")
 
 
 def test_decode_all_fast_path_equals_string_by_string():
     rng = np.random.default_rng(0)
     masks = [rng.random((HH, WW)) < p for p in (0.05, 0.5, 0.95)] + [box(0, 1, 0, 1), box(HH - 1, HH, WW - 1, WW)]
     rles = [rle.encode(m) for m in masks]
-    out, problems = submission.decode_all(rles, (HH, WW))
+    out, problems = submission_csv.decode_all(rles, (HH, WW))
     assert problems == []
     for got, m in zip(out, masks):
         np.testing.assert_array_equal(got, idx(m))
@@ -139,7 +139,7 @@ def test_decode_all_fast_path_equals_string_by_string():
 ])
 def test_decode_all_reports_each_malformed_string_with_its_position(bad, message):
     good = rle.encode(box(0, 2, 0, 2))
-    out, problems = submission.decode_all([good, bad, good], (HH, WW))
+    out, problems = submission_csv.decode_all([good, bad, good], (HH, WW))
     assert [p[0] for p in problems] == [1]
     assert message in problems[0][1]
     assert out[1] is None

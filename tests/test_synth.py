@@ -1,4 +1,4 @@
-"""neuroseg.synth: Kaggle layout, RLE validity, determinism, per-type realism, atomic writes."""
+"""neuroseg.data.synthetic: Kaggle layout, RLE validity, determinism, per-type realism, atomic writes."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from neuroseg import cli, rle
+from neuroseg import cli
 from neuroseg.config import CELL_TYPES
-from neuroseg.synth import synth_image, write_dataset
+from neuroseg.data.synthetic import synth_image, write_dataset
+from neuroseg.structures import rle
 
 H, W = 128, 160  # small and non-square, like the real 520 x 704
 COLUMNS = ["id", "annotation", "width", "height", "cell_type", "plate_time", "sample_date",
@@ -85,7 +86,7 @@ def test_every_rle_decodes_inside_its_image(dataset: Path, train: pd.DataFrame):
         shape = (int(row.height), int(row.width))
         mask = rle.decode(row.annotation, shape)  # raises on a run past the image
         assert mask.any()
-    from neuroseg.data import read_train_csv  # the real consumer's validation accepts it too
+    from neuroseg.data.records import read_train_csv  # the real consumer's validation accepts it too
 
     assert len(read_train_csv(dataset / "train.csv")) == len(train)
 
@@ -191,7 +192,7 @@ def test_cli_writes_dataset_and_preview_and_refuses_to_clobber(tmp_path: Path, c
 
 
 def test_a_failed_run_leaves_nothing(tmp_path: Path, monkeypatch):
-    import neuroseg.synth as synth
+    import neuroseg.data.synthetic as synth
 
     def boom(*a, **k):
         raise RuntimeError("killed")

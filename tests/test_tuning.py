@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from ensemble_toys import CELLS, H, W, as_oof, ellipse_in, ellipse_mask_fn, image_pred, truth_of, type_probs
+
 from neuroseg import config
 from neuroseg.config import CELL_TYPES
-from neuroseg.ensemble import EnsembleParams, fuse, single_model
-from neuroseg.instances import masks_to_label
-from neuroseg.metric import image_score, iou_matrix, iou_sparse
-from neuroseg.tuning import (CHEAP_EVALS_PER_TRIAL, coordinate_search, predictions_from_oof, score_table,
-                             tune_ensemble, tune_vote_weights)
+from neuroseg.ensemble.fusion import fuse, single_model
+from neuroseg.ensemble.params import EnsembleParams
+from neuroseg.ensemble.tuning import (
+    CHEAP_EVALS_PER_TRIAL,
+    coordinate_search,
+    predictions_from_oof,
+    score_table,
+    tune_ensemble,
+    tune_vote_weights,
+)
+from neuroseg.evaluation.metric import image_score, iou_matrix, iou_sparse
+from neuroseg.structures.label_image import masks_to_label
 
 FALSE_POSITIVES = [[26, 44, 34, 52], [44, 26, 52, 33]]  # background patches only YOLOX reports
 
@@ -150,13 +157,13 @@ def test_tune_without_maskrcnn_uses_upernet_masks(tuned):
 
 def test_run_ensemble_writes_params_report_and_skips_when_fresh(tmp_path, tuned):
     from conftest import write_kaggle_dir
-    from ensemble_toys import ellipse_in
-    from ensemble_toys import CELLS
-    from neuroseg import oof as oof_mod
-    from neuroseg.io_utils import read_json
+    from ensemble_toys import CELLS, ellipse_in
+
+    from neuroseg.evaluation import oof_cache as oof_mod
+    from neuroseg.inference.predict import load_params
     from neuroseg.paths import Paths
-    from neuroseg.predict import load_params
-    from neuroseg.report import run_ensemble
+    from neuroseg.pipeline.tune_ensemble import run_ensemble
+    from neuroseg.utils.atomic_io import read_json
 
     oof, truth, _, _, _ = tuned
     ids = sorted(truth)
@@ -198,9 +205,9 @@ def test_run_ensemble_writes_params_report_and_skips_when_fresh(tmp_path, tuned)
 
 
 def test_mask_head_checkpoint_must_be_the_one_that_wrote_the_oof(tmp_path):
-    from neuroseg import oof as oof_mod
+    from neuroseg.evaluation import oof_cache as oof_mod
     from neuroseg.paths import Paths
-    from neuroseg.report import OOFMaskFns
+    from neuroseg.pipeline.tune_ensemble import OOFMaskFns
 
     paths = Paths(tmp_path / "data", tmp_path / "out")
     manifests = {0: {"image_ids": ["a"], "checkpoint_sha256": "0" * 64}}
@@ -223,8 +230,9 @@ def test_tuning_asks_the_mask_head_only_for_new_boxes(tuned):
 
 def test_05_leaves_the_classifier_out_when_a_fold_lacks_a_cell_type(tmp_path, caplog):
     from conftest import write_kaggle_dir
+
+    from neuroseg.ensemble.celltype import fit_cell_type_classifier
     from neuroseg.paths import Paths
-    from neuroseg.report import fit_cell_type_classifier
 
     rng = np.random.default_rng(0)
     ids = [f"{t}{k}" for t in CELL_TYPES for k in range(2)]
@@ -232,9 +240,10 @@ def test_05_leaves_the_classifier_out_when_a_fold_lacks_a_cell_type(tmp_path, ca
                                              np.array([ellipse_in(CELLS[0])])) for i in ids})
     paths = Paths(tmp_path / "data", tmp_path / "out")
     truth = {i: truth_of(i[:-1]) for i in ids}
-    clf, probs = fit_cell_type_classifier(paths, truth, {i: k % 2 for k, i in enumerate(ids)})
+    types = {i: t.cell_type for i, t in truth.items()}
+    clf, probs = fit_cell_type_classifier(paths, types, {i: k % 2 for k, i in enumerate(ids)})
     assert clf is not None and set(probs) == set(ids)
     # only the astro images in fold 1: fold 0's classifier, fitted on fold 1, would know astro alone
     with caplog.at_level("WARNING", logger="neuroseg"):
-        assert fit_cell_type_classifier(paths, truth, {i: int(i.startswith("astro")) for i in ids}) == (None, None)
+        assert fit_cell_type_classifier(paths, types, {i: int(i.startswith("astro")) for i in ids}) == (None, None)
     assert "left out: the images outside fold 0 have no ['cort', 'shsy5y']" in caplog.text

@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from neuroseg import rle
+from neuroseg.structures import rle
 
 H, W = 48, 64
 CSV_HEADER = "id,annotation,width,height,cell_type,plate_time,sample_date,sample_id,elapsed_timedelta"

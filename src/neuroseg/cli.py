@@ -10,14 +10,14 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "score": ("neuroseg.metric", "score a prediction CSV against a truth CSV (competition metric)"),
-    "validate": ("neuroseg.submission", "check a submission CSV with the scorer's rules"),
-    "synth": ("neuroseg.synth", "write a synthetic dataset in the Kaggle layout"),
-    "score-oof": ("neuroseg.oof", "score one model's cached out-of-fold predictions"),
-    "predict": ("neuroseg.predict", "segment a folder of images with the trained ensemble"),
-    "pretrain": ("neuroseg.pretrain", "pretrain one model on a COCO data set (LIVECell)"),
-    "pseudo-label": ("neuroseg.pseudo_label", "pseudo-label unlabelled images for the training splits"),
-    "kaggle-bundle": ("neuroseg.kaggle_bundle", "wheels, weights and notebook folders for a Kaggle submission"),
+    "score": ("neuroseg.evaluation.metric", "score a prediction CSV against a truth CSV (competition metric)"),
+    "validate": ("neuroseg.structures.submission_csv", "check a submission CSV with the scorer's rules"),
+    "synth": ("neuroseg.data.synthetic", "write a synthetic dataset in the Kaggle layout"),
+    "score-oof": ("neuroseg.pipeline.score_oof", "score one model's cached out-of-fold predictions"),
+    "predict": ("neuroseg.inference.predict", "segment a folder of images with the trained ensemble"),
+    "pretrain": ("neuroseg.pipeline.pretrain", "pretrain one model on a COCO data set (LIVECell)"),
+    "pseudo-label": ("neuroseg.pipeline.make_pseudo_labels", "pseudo-label unlabelled images for the training splits"),
+    "kaggle-bundle": ("neuroseg.kaggle.bundle", "wheels, weights and notebook folders for a Kaggle submission"),
 }
 
 

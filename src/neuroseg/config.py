@@ -8,8 +8,6 @@ the valid names, so a typo never silently falls back to a default. The resolved 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,10 +207,10 @@ class Config:
 
     def section_hash(self, *sections: str) -> str:
         """Stable short hash of the named sections (all when none), for cache manifests."""
+        from neuroseg.utils.hashing import json_hash
+
         d = self.to_dict()
-        part = {s: d[s] for s in sections} if sections else d
-        blob = json.dumps(part, sort_keys=True, default=list).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return json_hash({s: d[s] for s in sections} if sections else d)
 
 
 class ConfigError(ValueError):
@@ -311,7 +309,7 @@ def from_dict(values: dict[str, Any]) -> Config:
 
 def save(cfg: Config, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomic)."""
-    from neuroseg.io_utils import atomic_write_text
+    from neuroseg.utils.atomic_io import atomic_write_text
 
     text = yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
     return atomic_write_text(Path(path), text)

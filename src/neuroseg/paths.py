@@ -14,6 +14,9 @@ from pathlib import Path
 DEFAULT_DATA_DIR = Path("input/sartorius-cell-instance-segmentation")
 DEFAULT_OUTPUT_DIR = Path("output")
 MODEL_NAMES: tuple[str, ...] = ("yolox", "maskrcnn", "upernet")
+# the script that trains each model, named in the errors that ask for its outputs
+TRAIN_SCRIPTS: dict[str, str] = {"yolox": "02_train_yolox.py", "maskrcnn": "03_train_maskrcnn.py",
+                                 "upernet": "04_train_upernet.py"}
 
 
 def resolve_data_dir(arg: str | Path | None = None) -> Path:

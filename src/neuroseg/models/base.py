@@ -20,6 +20,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+# Gray level statistics of the Sartorius images (20 images of sartorius-mini: mean 0.502, std
+# 0.052). Models that normalise their input (Mask R-CNN, UPerNet) use these on all 3 channels.
+GRAY_MEAN = 0.5
+GRAY_STD = 0.05
+
 
 class NeurosegModel(nn.Module):
     """Base class: subclasses set ``name`` and ``val_metric`` and implement forward/score."""

@@ -24,19 +24,17 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.models.detection.transform import resize_boxes
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from neuroseg.box_masks import paste_masks
 from neuroseg.config import CELL_TYPES, Config, MaskRCNNConfig
-from neuroseg.dataset import GRAY_MEAN, GRAY_STD
-from neuroseg.models.base import NeurosegModel
+from neuroseg.models.base import GRAY_MEAN, GRAY_STD, NeurosegModel
 from neuroseg.models.weights import load_weights
+from neuroseg.structures.box_masks import MASK_THRESHOLD, paste_masks
 
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 N_FPN_LEVELS = 5  # P2-P5 + the max-pool level: one anchor size each
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
-MASK_THRESHOLD = 0.5
 # class-count-dependent layers (COCO has 91 classes, we have 3 + background)
 HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
 
@@ -169,8 +167,8 @@ class MaskRCNNModel(NeurosegModel):
         return [p[:, 0] for p in probs]
 
     def score_predictions(self, preds: list[dict], targets: list[dict]) -> list[dict[str, float]]:
-        from neuroseg.instances import masks_to_label
-        from neuroseg.metric import image_score, iou_matrix
+        from neuroseg.evaluation.metric import image_score, iou_matrix
+        from neuroseg.structures.label_image import masks_to_label
 
         out = []
         for p, t in zip(preds, targets, strict=True):

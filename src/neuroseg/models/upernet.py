@@ -16,8 +16,7 @@ from scipy import ndimage
 from skimage.segmentation import relabel_sequential, watershed
 
 from neuroseg.config import CELL_TYPES, Config, UPerNetConfig
-from neuroseg.dataset import GRAY_MEAN, GRAY_STD
-from neuroseg.models.base import NeurosegModel
+from neuroseg.models.base import GRAY_MEAN, GRAY_STD, NeurosegModel
 from neuroseg.models.weights import load_weights
 
 STRIDE = 32  # the encoder's total downsampling: inputs are padded to a multiple of it
@@ -110,7 +109,7 @@ class UPerNetModel(NeurosegModel):
         return {"ce": ce, "dice": dice / 2, "cell_type": aux}
 
     def score_predictions(self, preds: list[dict], targets: list[dict]) -> list[dict[str, float]]:
-        from neuroseg.metric import image_score, iou_matrix
+        from neuroseg.evaluation.metric import image_score, iou_matrix
 
         out = []
         for p, t in zip(preds, targets, strict=True):

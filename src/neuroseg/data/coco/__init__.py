@@ -1,0 +1,1 @@
+"""External COCO instance sets (LIVECell): streamed into an SQLite index, read as a torch dataset."""

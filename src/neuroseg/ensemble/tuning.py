@@ -1,0 +1,498 @@
+"""Tuning the ensemble and the single models per cell type on the OOF cache, against the
+competition metric.
+
+How it stays cheap (TheoViel's trick of scoring from precomputed IoUs, taken one step further):
+
+* Parameters are split by cost. *Expensive* ones are searched by a seeded coordinate search
+  (:func:`coordinate_search`, at most ``ensemble.tune_trials`` evaluations per cell type and
+  method -- for the ensemble, at most that many box-fusion settings, the costly part, and
+  ``CHEAP_EVALS_PER_TRIAL`` times as many evaluations in all); the *free* ones (score
+  threshold, and UPerNet's minimum area) are searched exhaustively inside every evaluation,
+  because dropping the lowest-scored instances of a label image changes no other instance: one
+  IoU matrix per image scores the whole free grid.
+* The ensemble's fused boxes and mask-head outputs depend only on the box-fusion setting
+  (model weights, WBF IoU and skip threshold): they are cached per setting (:class:`_LRU`) and the
+  mask blending/thresholding/painting reruns on the cached crops. A new setting asks the mask
+  head only for boxes the image's previous settings did not have (``_EnsembleTuner._reusing``).
+* Ground truth pixel indices are decoded once per image.
+
+Predictions are disjoint (a label image), so with IoU > 0.5 a truth instance matches at most one
+prediction and the metric's matching is the number of predictions whose best IoU passes the
+threshold (:func:`score_table`; equal to ``metric.image_score``, which the tests check).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from scipy import sparse
+from tqdm import tqdm
+
+from neuroseg.config import CELL_TYPES, Config
+from neuroseg.ensemble import fusion as ens
+from neuroseg.ensemble.params import EnsembleParams, MaskRCNNParams, TypeParams, UPerNetParams
+from neuroseg.evaluation.metric import THRESHOLDS, iou_sparse
+from neuroseg.structures.box_masks import MASK_SIZE
+from neuroseg.structures.predictions import BoxSet, ImagePredictions, MaskFn
+
+log = logging.getLogger("neuroseg")
+
+# Expensive coordinates (each value needs new masks). ``model_weights`` = (yolox, maskrcnn).
+ENSEMBLE_GRID: dict[str, list] = {
+    "model_weights": [(1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (1.0, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, 1.0),
+                      (0.0, 0.0)],  # no boxes: UPerNet's instances alone (if upernet_instances > 0)
+    "wbf_iou": [0.3, 0.4, 0.5, 0.55, 0.6, 0.7],
+    "wbf_skip": [0.01, 0.05, 0.1, 0.2, 0.3],
+    "upernet_weight": [0.0, 0.15, 0.3, 0.5, 0.7, 1.0],
+    "mask_threshold": [0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7],
+    "min_area": [0, 10, 20, 40, 80, 120, 160, 240],  # px: cort ~220, astro ~1200 on average
+    "max_overlap": [0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0],
+    "upernet_instances": [0.0, 0.25, 0.5, 0.75, 1.0, 1.5],
+}
+MASKRCNN_GRID: dict[str, list] = {"mask_threshold": ENSEMBLE_GRID["mask_threshold"],
+                                  "min_area": ENSEMBLE_GRID["min_area"]}
+UPERNET_GRID: dict[str, list] = {"interior_threshold": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+                                 "seed_threshold": [0.1, 0.2, 0.3, 0.5, 0.7, 0.9]}
+# Free coordinates, searched exhaustively per evaluation.
+SCORE_GRID: list[float] = [round(float(s), 2) for s in np.arange(0.0, 0.91, 0.05)]
+UPERNET_MIN_AREA_GRID: list[int] = [0, 8, 20, 40, 80, 120, 160, 240]
+VOTE_GRID: list[float] = [0.0, 0.5, 1.0, 2.0]
+CANDIDATE_CACHE = 2  # box-fusion settings kept in memory at once (each holds every image's crops)
+CHEAP_EVALS_PER_TRIAL = 6  # the ensemble's evaluations in all, per box-fusion setting allowed
+
+
+@dataclass(frozen=True)
+class Truth:
+    """Ground truth of one image: flat pixel indices of each (possibly overlapping) instance."""
+
+    cell_type: str
+    shape: tuple[int, int]
+    indices: list[np.ndarray]
+
+
+def truth_from_records(records: Sequence[Any]) -> dict[str, Truth]:
+    """``data.ImageRecord`` s -> ``{image_id: Truth}`` (RLE decoded once here)."""
+    from neuroseg.structures import rle
+
+    return {r.image_id: Truth(r.cell_type, r.shape, [rle.decode_indices(a, r.shape) for a in r.annotations])
+            for r in records}
+
+
+def predictions_from_oof(image_id: str, shape: tuple[int, int], arrays: Mapping[str, Mapping[str, np.ndarray]],
+                         image_type_probs: np.ndarray | None = None) -> ImagePredictions:
+    """One image's OOF arrays ``{model: {key: array}}`` (the cache format) and the cell-type
+    classifier's OOF probabilities (or None) -> ImagePredictions with one pass per detector."""
+    pred = ImagePredictions(image_id=image_id, height=shape[0], width=shape[1],
+                            image_cell_type_probs=image_type_probs)
+    for model in ens.BOX_MODELS:
+        if model in arrays:
+            a = arrays[model]
+            getattr(pred, model).append(BoxSet(a["boxes"], a["scores"], a["labels"]))
+            if model == "maskrcnn":
+                pred.maskrcnn_mask_probs.append(np.asarray(a["mask_probs"], np.float32))
+    if "upernet" in arrays:
+        pred.upernet_probs = np.asarray(arrays["upernet"]["probs"], np.float32)
+        pred.upernet_cell_type_probs = np.asarray(arrays["upernet"]["cell_type_probs"], np.float32)
+    return pred
+
+
+# ---- scoring from IoUs ----
+
+def score_table(iou: Any, keep: np.ndarray | None = None) -> np.ndarray:
+    """Competition score of one image for each row of ``keep`` ``(n_settings, n_pred)`` bool (the
+    predictions kept by that setting; default: all) -> ``(n_settings,)``; see the module docstring.
+    ``iou``: ``(n_truth, n_pred)``, dense or ``metric.iou_sparse``'s COO array."""
+    n_t, n_p = iou.shape
+    keep = np.ones((1, n_p), bool) if keep is None else np.atleast_2d(keep)
+    best = np.zeros(n_p)  # best IoU of each prediction over the truth
+    if sparse.issparse(iou):
+        np.maximum.at(best, iou.col, iou.data)
+    elif n_t and n_p:
+        best = np.asarray(iou).max(axis=0)
+    hit = best[None, :] > THRESHOLDS[:, None]  # (10, n_pred)
+    tp = keep.astype(np.int64) @ hit.T.astype(np.int64)  # (n_settings, 10)
+    n_kept = keep.sum(axis=1)[:, None]
+    denom = n_t + n_kept - tp
+    out = np.divide(tp, denom, out=np.zeros(tp.shape), where=denom > 0).mean(axis=1)
+    return np.where((n_t == 0) & (n_kept[:, 0] == 0), 1.0, out)
+
+
+def _score_keep(scores: np.ndarray, grid: Sequence[float]) -> np.ndarray:
+    return scores[None, :] >= np.asarray(grid, dtype=np.float64)[:, None]
+
+
+# ---- the search ----
+
+def coordinate_search(grids: dict[str, Sequence], start: dict[str, Any], objective: Callable[[dict], float],
+                      max_evals: int, rng: np.random.Generator, costly: Sequence[str] | None = None,
+                      max_total: int | None = None) -> tuple[dict[str, Any], float, int]:
+    """Maximise ``objective`` one coordinate at a time, each over its whole grid, coordinates in a
+    seeded random order per round; a change is kept only if strictly better, so the result is never
+    worse than ``start``. Stops after a round without improvement or ``max_evals`` distinct points.
+
+    With ``costly`` (names of the coordinates that make an evaluation expensive), ``max_evals``
+    bounds the distinct settings of those alone: a point that would need one more is skipped once
+    they are spent, while points that reuse a setting go on, up to ``max_total`` evaluations.
+    Returns ``(best, best_value, evaluations)``."""
+    names = list(grids)
+    memo: dict[tuple, float] = {}
+    costly_names = list(names if costly is None else costly)
+    settings: set[tuple] = set()
+    max_total = max_evals if max_total is None else max_total
+
+    def affordable(p: dict[str, Any]) -> bool:
+        key = tuple(p[n] for n in names)
+        if key in memo:
+            return True
+        return len(memo) < max_total and (tuple(p[n] for n in costly_names) in settings
+                                          or len(settings) < max_evals)
+
+    def f(p: dict[str, Any]) -> float:
+        key = tuple(p[n] for n in names)
+        if key not in memo:
+            memo[key] = objective(p)
+            settings.add(tuple(p[n] for n in costly_names))
+        return memo[key]
+
+    best, best_value = dict(start), f(start)
+    improved = True
+    while improved and len(memo) < max_total:
+        improved = False
+        for name in rng.permutation(names):
+            for value in grids[name]:
+                cand = {**best, name: value}
+                if not affordable(cand):
+                    continue
+                v = f(cand)
+                if v > best_value + 1e-12:
+                    best, best_value, improved = cand, v, True
+    return best, best_value, len(memo)
+
+
+def _with(grid: Sequence, value: Any) -> list:
+    """The grid plus the start value, so the defaults are always a candidate."""
+    return list(grid) if value in grid else sorted([*grid, value])
+
+
+class _LRU(OrderedDict):
+    def __init__(self, size: int, make: Callable[[Any], Any]) -> None:
+        super().__init__()
+        self.size, self.make = size, make
+
+    def get_or_make(self, key: Any) -> Any:
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = self.make(key)
+        self[key] = value
+        while len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+
+class _Tuner:
+    """One method on the images of one (voted) cell type: ``table(p)`` = ``(n_images, n_free)``
+    per-image scores for the expensive parameters ``p``, memoised."""
+
+    free_grid: list = SCORE_GRID
+
+    def __init__(self, ids: list[str], truth: Mapping[str, Truth]) -> None:
+        self.ids, self.truth = ids, truth
+        self._tables: dict[tuple, np.ndarray] = {}
+
+    def table(self, p: dict[str, Any]) -> np.ndarray:
+        key = tuple(sorted(p.items()))
+        if key not in self._tables:
+            self._tables[key] = np.stack([self.image_row(i, p) for i in self.ids]) if self.ids \
+                else np.zeros((0, len(self.free_grid)))
+        return self._tables[key]
+
+    def objective(self, p: dict[str, Any]) -> float:
+        t = self.table(p)
+        return float(t.mean(axis=0).max()) if len(t) else 0.0
+
+    def best_free(self, p: dict[str, Any]) -> int:
+        return int(np.argmax(self.table(p).mean(axis=0)))
+
+    def image_row(self, image_id: str, p: dict[str, Any]) -> np.ndarray:
+        raise NotImplementedError
+
+
+class _EnsembleTuner(_Tuner):
+    BOX_KEYS = ("model_weights", "wbf_iou", "wbf_skip")
+
+    def __init__(self, ids, truth, get_pred, mask_fns, cell_type: str, prune: float,
+                 upernet: UPerNetParams | None = None) -> None:
+        super().__init__(ids, truth)
+        self.get_pred, self.mask_fns, self.cell_type = get_pred, mask_fns, cell_type
+        self.prune = prune  # the lowest mask threshold searched (see ensemble.build_candidates)
+        self.upernet = upernet  # UPerNet's post-processing for its instances as candidates (None: off)
+        self.cands = _LRU(CANDIDATE_CACHE, self._candidates)
+        self._masks: dict[str, list[dict[bytes, np.ndarray]]] = {}
+        self._upernet_instances: dict[str, ens.Extra | None] = {}
+
+    @staticmethod
+    def params(p: dict[str, Any], score_threshold: float) -> TypeParams:
+        (wy, wm) = p["model_weights"]
+        return TypeParams(yolox_weight=wy, maskrcnn_weight=wm, wbf_iou=p["wbf_iou"], wbf_skip=p["wbf_skip"],
+                          upernet_weight=p["upernet_weight"], mask_threshold=p["mask_threshold"],
+                          score_threshold=score_threshold, min_area=int(p["min_area"]),
+                          max_overlap=float(p["max_overlap"]), upernet_instances=float(p["upernet_instances"]))
+
+    def _extra(self, image_id: str, factor: float) -> ens.Extra | None:
+        """UPerNet's instances of the image scored ``factor`` x theirs (the watershed once per image)."""
+        if self.upernet is None or factor <= 0:
+            return None
+        if image_id not in self._upernet_instances:
+            self._upernet_instances[image_id] = ens.upernet_candidates(self.get_pred(image_id), self.upernet, 1.0)
+        extra = self._upernet_instances[image_id]
+        return None if extra is None else (extra[0], factor * extra[1])
+
+    def _candidates(self, box_key: tuple) -> dict[str, ens.Candidates]:
+        tp = self.params(dict(zip(self.BOX_KEYS, box_key)) | {"upernet_weight": 0.0, "mask_threshold": 0.5,
+                                                               "min_area": 0, "max_overlap": 1.0,
+                                                               "upernet_instances": 0.0}, 0.0)
+        out = {}
+        for i in tqdm(self.ids, desc=f"ensemble {self.cell_type} boxes {box_key}", leave=False, disable=None):
+            fn = self.mask_fns.get(i) if self.mask_fns is not None else None
+            fn = self._reusing(i, fn) if fn is not None else None
+            out[i] = ens.ensemble_candidates(self.get_pred(i), tp, self.cell_type, fn, self.prune, keep_fg=True)
+        return out
+
+    def _reusing(self, image_id: str, mask_fn: MaskFn) -> MaskFn:
+        """``mask_fn`` asked only for boxes it was not asked for in the image's last two calls.
+
+        The mask head dominates the cost of a box-fusion setting (seconds per image on a CPU), and
+        neighbouring settings share most fused boxes (a higher skip threshold only drops some).
+        Keys are the exact float32 coordinates, so a reused mask is the one the box would get
+        (the head treats every box on its own); two calls' worth bounds the memory."""
+        recent = self._masks.setdefault(image_id, [])
+
+        def masks(boxes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+            boxes = np.ascontiguousarray(boxes, dtype=np.float32).reshape(-1, 4)
+            keys = [b.tobytes() for b in boxes]
+            known = {k: m for d in recent for k, m in d.items()}
+            todo = [j for j, k in enumerate(keys) if k not in known]
+            if todo:
+                new = np.asarray(mask_fn(boxes[todo], np.asarray(labels)[todo]), np.float32)
+                known.update(zip((keys[j] for j in todo), new.reshape(-1, MASK_SIZE, MASK_SIZE)))
+            recent[:] = [*recent[-1:], {k: known[k] for k in keys}]
+            return (np.stack([known[k] for k in keys]) if keys
+                    else np.zeros((0, MASK_SIZE, MASK_SIZE), np.float32))
+
+        return masks
+
+    def image_row(self, image_id: str, p: dict[str, Any]) -> np.ndarray:
+        c = self.cands.get_or_make(tuple(p[k] for k in self.BOX_KEYS))[image_id]
+        shape = self.truth[image_id].shape
+        label, scores = ens.resolve(c, p["upernet_weight"], p["mask_threshold"], int(p["min_area"]), 0.0, shape,
+                                    max_overlap=float(p["max_overlap"]),
+                                    extra=self._extra(image_id, float(p["upernet_instances"])))
+        return score_table(iou_sparse(self.truth[image_id].indices, label), _score_keep(scores, self.free_grid))
+
+
+class _MaskRCNNTuner(_Tuner):
+    def __init__(self, ids, truth, get_pred, prune: float) -> None:
+        super().__init__(ids, truth)
+        self.get_pred, self.prune = get_pred, prune
+        self._cands: dict[str, ens.Candidates] = {}
+
+    def image_row(self, image_id: str, p: dict[str, Any]) -> np.ndarray:
+        if image_id not in self._cands:  # the pasted crops do not depend on any parameter
+            pred = self.get_pred(image_id)
+            b = pred.maskrcnn[0]
+            self._cands[image_id] = ens.build_candidates(b.boxes, b.scores, pred.maskrcnn_mask_probs[0], None,
+                                                         pred.shape, self.prune)
+        c = self._cands[image_id]
+        label, scores = ens.resolve(c, 0.0, p["mask_threshold"], int(p["min_area"]), 0.0,
+                                    self.truth[image_id].shape, rescore=False)
+        return score_table(iou_sparse(self.truth[image_id].indices, label), _score_keep(scores, self.free_grid))
+
+
+class _UPerNetTuner(_Tuner):
+    free_grid = [(a, s) for a in UPERNET_MIN_AREA_GRID for s in SCORE_GRID]
+
+    def __init__(self, ids, truth, get_pred) -> None:
+        super().__init__(ids, truth)
+        self.get_pred = get_pred
+
+    def image_row(self, image_id: str, p: dict[str, Any]) -> np.ndarray:
+        # min_area 0 here: probs_to_instances drops small instances after the watershed without
+        # changing the others, so each minimum area is a column filter like the score threshold
+        up = UPerNetParams(p["interior_threshold"], p["seed_threshold"], 0, 0.0)
+        label, scores = ens.upernet_alone(self.get_pred(image_id).upernet_probs, up)
+        areas = np.bincount(label.ravel(), minlength=len(scores) + 1)[1:]
+        keep = np.stack([(areas >= a) & (scores >= s) for a, s in self.free_grid])
+        return score_table(iou_sparse(self.truth[image_id].indices, label), keep)
+
+
+def _tune(tuner: _Tuner, grid: dict[str, list], start: dict[str, Any], cfg: Config, salt: int, what: str,
+          costly: Sequence[str] | None = None) -> tuple[dict[str, Any], int, np.ndarray, int]:
+    """-> (best expensive params, best free index, per-image scores at the best, evaluations)."""
+    grid = {k: _with(v, start[k]) for k, v in grid.items()}
+    rng = np.random.default_rng([cfg.ensemble.tune_seed, salt])
+    trials = cfg.ensemble.tune_trials
+    best, value, n = coordinate_search(grid, start, tuner.objective, trials, rng, costly,
+                                       None if costly is None else CHEAP_EVALS_PER_TRIAL * trials)
+    j = tuner.best_free(best)
+    log.info("%s: %.4f after %d evaluations (%d images)", what, value, n, len(tuner.ids))
+    return best, j, tuner.table(best)[:, j], n
+
+
+# ---- cell-type vote ----
+
+def tune_vote_weights(votes: Mapping[str, Mapping[str, np.ndarray]], truth: Mapping[str, Truth],
+                      start: Mapping[str, float]) -> tuple[dict[str, float], float]:
+    """Exhaustive grid over the present voters' weights, maximising cell-type accuracy; ``start``
+    wins ties. -> (weights, accuracy)."""
+    ids = list(votes)
+    models = sorted({m for v in votes.values() for m in v}, key=ens.VOTERS.index)
+
+    def accuracy(w: dict[str, float]) -> float:
+        return float(np.mean([ens.vote_cell_type(votes[i], w) == truth[i].cell_type for i in ids])) if ids else 0.0
+
+    best = {m: float(start.get(m, 1.0)) for m in ens.VOTERS}
+    best_acc = accuracy(best)
+    for combo in np.array(np.meshgrid(*[VOTE_GRID] * len(models))).reshape(len(models), -1).T:
+        if not combo.any():
+            continue
+        w = {**best, **dict(zip(models, combo.tolist()))}
+        acc = accuracy(w)
+        if acc > best_acc + 1e-12:
+            best, best_acc = w, acc
+    return best, best_acc
+
+
+# ---- the whole tuning ----
+
+def _summary(per_image: Mapping[str, float], truth: Mapping[str, Truth]) -> dict[str, Any]:
+    by_type = {t: [s for i, s in per_image.items() if truth[i].cell_type == t] for t in CELL_TYPES}
+    return {"overall": float(np.mean(list(per_image.values()))) if per_image else float("nan"),
+            "per_cell_type": {t: float(np.mean(v)) for t, v in by_type.items() if v},
+            "images_per_cell_type": {t: len(v) for t, v in by_type.items() if v}}
+
+
+def tune_ensemble(oof_by_model: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], truth: Mapping[str, Truth],
+                  cfg: Config, mask_fns: Mapping[str, MaskFn] | None = None,
+                  image_type_probs: Mapping[str, np.ndarray] | None = None) -> tuple[EnsembleParams, dict[str, Any]]:
+    """Tune every parameter of :class:`EnsembleParams` on the OOF predictions.
+
+    ``oof_by_model``: ``{model: {image_id: OOF arrays}}`` (any Mapping; values are read on demand,
+    so a lazy one keeps memory flat); ``truth``: ``{image_id: Truth}`` (the raw train.csv labels);
+    ``mask_fns``: ``{image_id: MaskFn}`` -- the mask head of the fold model that did not train on
+    the image -- or None without Mask R-CNN; ``image_type_probs``: ``{image_id: (3,)}`` OOF
+    probabilities of the cell-type classifier, which then votes too (single models keep their own
+    vote: a model alone has no classifier). Images in the truth and every model are used.
+    Returns the params and a report: per-image and summary scores of the ensemble (tuned and
+    defaults) and of each single model, vote accuracy, evaluations used.
+    """
+    models = [m for m in ens.VOTE_MODELS if m in oof_by_model]
+    if not models:
+        raise ValueError("tune_ensemble: no model predictions given")
+    ids = sorted(set(truth).intersection(*[set(oof_by_model[m]) for m in models]))
+    if not ids:
+        raise ValueError(f"tune_ensemble: no image has both truth and OOF predictions of {models}")
+
+    dropped = len(set().union(*[set(oof_by_model[m]) for m in models]) - set(ids))
+    if dropped:
+        log.warning("tune_ensemble: %d OOF image(s) lack the truth or another model's OOF; left out", dropped)
+
+    def get_pred(i: str) -> ImagePredictions:
+        return predictions_from_oof(i, truth[i].shape, {m: oof_by_model[m][i] for m in models},
+                                    None if image_type_probs is None else image_type_probs[i])
+
+    params = EnsembleParams.defaults()
+    votes = {i: ens.type_votes(get_pred(i)) for i in tqdm(ids, desc="cell-type votes", disable=None)}
+    params.vote_weights, acc = tune_vote_weights(votes, truth, params.vote_weights)
+    voters = [*models, *(["image"] if image_type_probs is not None else [])]
+    params.vote_weights = {m: (w if m in voters else 0.0) for m, w in params.vote_weights.items()}
+    report: dict[str, Any] = {"models": models, "n_images": len(ids), "image_ids": ids,
+                              "max_evaluations": cfg.ensemble.tune_trials,
+                              "vote_accuracy": {"ensemble": acc}, "evaluations": {}, "per_image": {}}
+
+    def own_type(i: str, m: str) -> str:
+        return ens.vote_cell_type({m: votes[i][m]}, {m: 1.0})
+
+    if image_type_probs is not None:
+        report["vote_accuracy"]["image"] = float(np.mean([own_type(i, "image") == truth[i].cell_type for i in ids]))
+        log.info("cell-type vote accuracy: image classifier %.3f (out-of-fold), tuned vote %.3f",
+                 report["vote_accuracy"]["image"], acc)
+
+    for m in ("maskrcnn", "upernet"):
+        if m not in models:
+            continue
+        report["vote_accuracy"][m] = float(np.mean([own_type(i, m) == truth[i].cell_type for i in ids]))
+        per_image, report["evaluations"][m] = {}, {}
+        for k, t in enumerate(CELL_TYPES):
+            group = [i for i in ids if own_type(i, m) == t]
+            if not group:
+                continue
+            if m == "maskrcnn":
+                d = params.maskrcnn[t]
+                tuner = _MaskRCNNTuner(group, truth, get_pred,
+                                       min(MASKRCNN_GRID["mask_threshold"] + [d.mask_threshold]))
+                tuner.free_grid = _with(SCORE_GRID, d.score_threshold)
+                best, j, scores, n = _tune(tuner, MASKRCNN_GRID, {"mask_threshold": d.mask_threshold,
+                                           "min_area": d.min_area}, cfg, 10 + k, f"maskrcnn {t}")
+                params.maskrcnn[t] = MaskRCNNParams(best["mask_threshold"], tuner.free_grid[j],
+                                                    int(best["min_area"]))
+            else:
+                d = params.upernet[t]
+                tuner = _UPerNetTuner(group, truth, get_pred)
+                tuner.free_grid = _with(tuner.free_grid, (d.min_area, d.score_threshold))
+                best, j, scores, n = _tune(tuner, UPERNET_GRID, {"interior_threshold": d.interior_threshold,
+                                           "seed_threshold": d.seed_threshold}, cfg, 20 + k, f"upernet {t}")
+                area, score = tuner.free_grid[j]
+                params.upernet[t] = UPerNetParams(best["interior_threshold"], best["seed_threshold"], int(area),
+                                                  float(score))
+            per_image.update(zip(group, scores.tolist()))
+            report["evaluations"][m][t] = n
+        report["per_image"][m] = per_image
+
+    if any(m in models for m in ens.BOX_MODELS):
+        _tune_fusion(params, ids, votes, truth, get_pred, mask_fns, models, cfg, report)
+    report["summary"] = {name: _summary(s, truth) for name, s in report["per_image"].items()}
+    return params, report
+
+
+def _tune_fusion(params: EnsembleParams, ids: list[str], votes, truth, get_pred, mask_fns, models, cfg, report
+                 ) -> None:
+    """Per voted cell type: the ensemble's TypeParams (defaults scored too, for the report)."""
+    weights = [w for w in ENSEMBLE_GRID["model_weights"]
+               if ("yolox" in models or w[0] == 0) and ("maskrcnn" in models or w[1] == 0)
+               and (sum(w) > 0 or "upernet" in models)]
+    tuned, defaults = {}, {}
+    report["evaluations"]["ensemble"] = {}
+    for t, d in params.ensemble.items():  # a model not tuned with must not vote at test time either
+        params.ensemble[t] = dataclasses.replace(d, **{f"{m}_weight": 0.0 for m in ens.BOX_MODELS
+                                                       if m not in models})
+    for k, t in enumerate(CELL_TYPES):
+        group = [i for i in ids if ens.vote_cell_type(votes[i], params.vote_weights) == t]
+        if not group:
+            continue
+        d = params.ensemble[t]
+        start = {"model_weights": (d.yolox_weight, d.maskrcnn_weight),
+                 "wbf_iou": d.wbf_iou, "wbf_skip": d.wbf_skip, "upernet_weight": d.upernet_weight,
+                 "mask_threshold": d.mask_threshold, "min_area": d.min_area, "max_overlap": d.max_overlap,
+                 "upernet_instances": d.upernet_instances}
+        grid = dict(ENSEMBLE_GRID, model_weights=weights)
+        if "upernet" not in models or mask_fns is None:  # the blend weight then changes nothing
+            grid["upernet_weight"] = [d.upernet_weight]
+        if "upernet" not in models:
+            grid["upernet_instances"] = [0.0]
+        prune = min(grid["mask_threshold"] + [d.mask_threshold])
+        tuner = _EnsembleTuner(group, truth, get_pred, mask_fns, t, prune,
+                               params.upernet[t] if "upernet" in models else None)
+        tuner.free_grid = _with(SCORE_GRID, d.score_threshold)
+        defaults.update(zip(group, tuner.table(start)[:, tuner.free_grid.index(d.score_threshold)].tolist()))
+        best, j, scores, n = _tune(tuner, grid, start, cfg, 30 + k, f"ensemble {t}", costly=_EnsembleTuner.BOX_KEYS)
+        params.ensemble[t] = _EnsembleTuner.params(best, tuner.free_grid[j])
+        tuned.update(zip(group, scores.tolist()))
+        report["evaluations"]["ensemble"][t] = n
+    report["per_image"]["ensemble"] = tuned
+    report["per_image"]["ensemble_defaults"] = defaults

@@ -1,0 +1,1 @@
+"""The competition metric and the out-of-fold prediction cache."""

@@ -1,0 +1,1 @@
+"""Fold models + TTA on new images; predict on a folder."""

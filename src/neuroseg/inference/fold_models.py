@@ -1,0 +1,258 @@
+"""Test-time inference: every fold model of the three, flip TTA, outputs in original coordinates.
+
+``FoldEnsemble.from_checkpoints(cfg, paths)`` loads each model's ``best.pt`` for every fold of the
+config. ``predict_batch`` resizes images by ``data.train_scale`` (as in training and the OOF step),
+runs each fold model once on a batch holding every image in every TTA view, un-flips each view's
+outputs and maps them to original image coordinates (``oof_cache.to_original``, the same mapping the OOF
+cache used, so the tuned ensemble sees test predictions in the form it was tuned on). YOLOX and
+Mask R-CNN keep one box set per fold x view -- the ensemble votes over them -- while the UPerNet
+probabilities are averaged at model resolution and resized once. ``mask_fn(image)`` runs the Mask R-CNN
+mask heads on boxes chosen later by the ensemble.
+
+``iter_predictions`` is a generator: at most ``submission.batch_size`` images are held at once,
+so memory does not grow with the number of test images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from neuroseg import config as config_mod
+from neuroseg.config import Config
+from neuroseg.data.datasets import image_to_tensor, resize_image
+from neuroseg.evaluation import oof_cache
+from neuroseg.inference import tta
+from neuroseg.paths import MODEL_NAMES, TRAIN_SCRIPTS, Paths
+from neuroseg.structures.box_masks import MASK_SIZE, rescale_shift, shift_box_masks
+from neuroseg.structures.predictions import BoxSet, ImagePredictions
+from neuroseg.training import checkpoint
+
+log = logging.getLogger("neuroseg")
+
+
+
+def resolve_device(name: str) -> torch.device:
+    from neuroseg.utils.distributed import DistInfo
+    from neuroseg.utils.distributed import resolve_device as resolve
+
+    return resolve(name, DistInfo())
+
+
+def _inference_config(stored: dict) -> Config:
+    """The checkpoint's own config (the architecture it was trained with), minus the paths of
+    pretrained weights: ``best.pt`` holds every weight, and those files need not exist where we
+    predict (a Kaggle notebook without internet)."""
+    cfg = config_mod.from_dict(stored)
+    return dataclasses.replace(
+        cfg,
+        yolox=dataclasses.replace(cfg.yolox, weights=""),
+        maskrcnn=dataclasses.replace(cfg.maskrcnn, weights=""),
+        upernet=dataclasses.replace(cfg.upernet, encoder_weights=""),
+    )
+
+
+def load_model(path: Path, device: torch.device, train_scale: float | None = None) -> nn.Module:
+    """Rebuild the model a ``best.pt`` names (as ``checkpoint.load_for_inference``, without
+    pretrained-weight files) and load its weights (the EMA when trained with it); eval mode.
+    Warns when the model was trained at another ``data.train_scale`` than inference will use."""
+    from neuroseg import models
+
+    ckpt = checkpoint.load(path)
+    if "model" not in ckpt or "model_name" not in ckpt or "config" not in ckpt:
+        raise RuntimeError(f"{path} is not a neuroseg inference checkpoint (keys {sorted(ckpt)})")
+    stored = _inference_config(ckpt["config"])
+    if train_scale is not None and stored.data.train_scale != train_scale:
+        log.warning("%s was trained at data.train_scale=%s but inference uses %s: cells will not have "
+                    "the size the model learnt", path, stored.data.train_scale, train_scale)
+    model = models.build(ckpt["model_name"], stored)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+def load_fold_models(cfg: Config, paths: Paths, model_names: Sequence[str],
+                     device: torch.device) -> dict[str, list[nn.Module]]:
+    """``{model: [fold models]}`` for every fold in ``cfg.fold_ids``; every checkpoint must exist."""
+    missing = [(name, fold) for name in model_names for fold in cfg.fold_ids
+               if not paths.best_checkpoint(name, fold).is_file()]
+    if missing:
+        lines = [f"  {paths.best_checkpoint(n, f)}  (train it with {TRAIN_SCRIPTS[n]})" for n, f in missing]
+        raise FileNotFoundError(f"{len(missing)} fold checkpoint(s) missing for inference "
+                                f"(folds {list(cfg.fold_ids)}):\n" + "\n".join(lines))
+    out = {}
+    for name in model_names:
+        out[name] = [load_model(paths.best_checkpoint(name, fold), device, cfg.data.train_scale)
+                     for fold in cfg.fold_ids]
+        log.info("loaded %s folds %s on %s", name, list(cfg.fold_ids), device)
+    return out
+
+
+class FoldEnsemble:
+    """Fold models of up to three kinds, run with flip TTA; see the module docstring."""
+
+    def __init__(self, models: dict[str, list[nn.Module]], scale: float = 1.0, tta_flips: bool = False,
+                 device: str | torch.device = "cpu", amp: bool = False) -> None:
+        unknown = sorted(set(models) - set(MODEL_NAMES))
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; valid: {list(MODEL_NAMES)}")
+        self.models = {name: list(ms) for name, ms in models.items() if ms}
+        self.scale = float(scale)
+        self.views = tta.views(tta_flips)
+        self.device = torch.device(device)
+        self.amp = bool(amp and self.device.type == "cuda")  # autocast only pays off on GPUs
+
+    @classmethod
+    def from_checkpoints(cls, cfg: Config, paths: Paths, model_names: Sequence[str] = MODEL_NAMES,
+                         device: torch.device | None = None) -> "FoldEnsemble":
+        device = device or resolve_device(cfg.device)
+        models = load_fold_models(cfg, paths, model_names, device)
+        amp = all(getattr(cfg, n).train.amp for n in model_names)
+        return cls(models, cfg.data.train_scale, cfg.submission.tta_flips, device, amp)
+
+    # ---- tensors ----
+    def _input(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """uint8 (H,W) images of one size -> the views, view-major: (V*B, 3, h, w) on the device."""
+        x = torch.stack([image_to_tensor(resize_image(im, self.scale)) for im in images]).to(self.device)
+        return torch.cat([tta.flip_image(x, v) for v in self.views])
+
+    @torch.no_grad()
+    def _forward(self, model: nn.Module, x: torch.Tensor) -> list[dict]:
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            return model(x)
+
+    # ---- predictions ----
+    @torch.no_grad()
+    def predict_batch(self, images: Sequence[np.ndarray], image_ids: Sequence[str]) -> list[ImagePredictions]:
+        """Same-size uint8 ``(H, W)`` images -> one :class:`ImagePredictions` each."""
+        shapes = {im.shape for im in images}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"predict_batch needs 2-D images of one size, got shapes {sorted(shapes)}")
+        (H, W), b = images[0].shape, len(images)
+        x = self._input(images)
+        hw = (int(x.shape[-2]), int(x.shape[-1]))
+        preds = [ImagePredictions(image_id=str(i), height=H, width=W, yolox=[], maskrcnn=[],
+                                  maskrcnn_mask_probs=[], upernet_probs=None, upernet_cell_type_probs=None)
+                 for i in image_ids]
+        for name in ("yolox", "maskrcnn"):
+            for model in self.models.get(name, []):
+                outs = self._forward(model, x)
+                for k, view in enumerate(self.views):
+                    for i in range(b):
+                        o = outs[k * b + i]
+                        raw = {"boxes": tta.flip_boxes(o["boxes"].float(), view, *hw),
+                               "scores": o["scores"], "labels": o["labels"]}
+                        if name == "maskrcnn":
+                            raw["mask_probs"] = tta.flip_box_masks(o["mask_probs"], o["boxes"], view)
+                        p = oof_cache.to_original(name, raw, hw, (H, W))
+                        boxset = BoxSet(p["boxes"], p["scores"], p["labels"])
+                        getattr(preds[i], name).append(boxset)
+                        if name == "maskrcnn":
+                            preds[i].maskrcnn_mask_probs.append(p["mask_probs"].astype(np.float32))
+        if "upernet" in self.models:
+            probs = torch.zeros((b, 3, *hw), device=self.device)
+            ct = torch.zeros((b, 3), device=self.device)
+            n = len(self.models["upernet"]) * len(self.views)
+            for model in self.models["upernet"]:
+                outs = self._forward(model, x)
+                for k, view in enumerate(self.views):
+                    for i in range(b):
+                        probs[i] += tta.flip_image(outs[k * b + i]["probs"].float(), view)
+                        ct[i] += outs[k * b + i]["cell_type_probs"].float()
+            for i in range(b):
+                p = oof_cache.to_original("upernet", {"probs": probs[i] / n, "cell_type_probs": ct[i] / n},
+                                    hw, (H, W))
+                preds[i].upernet_probs = p["probs"].astype(np.float32)
+                preds[i].upernet_cell_type_probs = p["cell_type_probs"]
+        return preds
+
+    def predict_image(self, image: np.ndarray, image_id: str = "image") -> ImagePredictions:
+        return self.predict_batch([image], [image_id])[0]
+
+    def mask_fn(self, image: np.ndarray) -> "MaskHeads":
+        """``(boxes (N,4) original px, labels (N,)) -> (N,28,28)`` mask probabilities: every Mask
+        R-CNN fold's mask head on every TTA view of ``image``, un-flipped and averaged."""
+        if not self.models.get("maskrcnn"):
+            raise RuntimeError("mask_fn needs Mask R-CNN fold models; none are loaded")
+        return MaskHeads(self, image)
+
+
+def image_files(folder: str | Path, suffixes: Sequence[str] = (".png",)) -> list[Path]:
+    """Image files directly in ``folder`` with one of ``suffixes`` (case-insensitive), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+    if not files:
+        raise FileNotFoundError(f"no {'/'.join(suffixes)} images in {folder}")
+    return files
+
+
+def iter_predictions(ensemble: FoldEnsemble, image_paths: Sequence[Path], batch_size: int = 1
+                     ) -> Iterator[tuple[np.ndarray, ImagePredictions]]:
+    """Yield ``(image uint8, predictions)`` per path, in order, reading ``batch_size`` images at a
+    time (consecutive images of one size share a forward pass)."""
+    from neuroseg.data.records import load_image
+
+    batch_size = max(1, int(batch_size))
+    for start in range(0, len(image_paths), batch_size):
+        chunk = [load_image(p) for p in image_paths[start:start + batch_size]]
+        ids = [p.stem for p in image_paths[start:start + batch_size]]
+        results: list[ImagePredictions | None] = [None] * len(chunk)
+        for shape in dict.fromkeys(im.shape for im in chunk):
+            idx = [k for k, im in enumerate(chunk) if im.shape == shape]
+            preds = ensemble.predict_batch([chunk[k] for k in idx], [ids[k] for k in idx])
+            for k, pred in zip(idx, preds):
+                results[k] = pred
+        for image, pred in zip(chunk, results):
+            yield image, pred
+
+
+class MaskHeads:
+    """``FoldEnsemble.mask_fn(image)``: a :data:`MaskFn` for one image. The backbone runs on the
+    first call and its FPN features are kept for the next ones (``nbytes`` says how much they
+    hold), so a caller asking for new boxes again and again -- the ensemble's tuning, once per
+    box-fusion setting -- pays for the mask head on the new boxes only."""
+
+    def __init__(self, folds: FoldEnsemble, image: np.ndarray) -> None:
+        self.folds, self.image = folds, image
+        self._x: torch.Tensor | None = None  # built on first call: the ensemble may need no masks at all
+        self._features: list[tuple] = []  # per fold model
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _, feats in self._features for t in feats.values())
+
+    @torch.no_grad()
+    def __call__(self, boxes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        f = self.folds
+        H, W = self.image.shape
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        n = len(boxes)
+        if n == 0:
+            return np.zeros((0, MASK_SIZE, MASK_SIZE), dtype=np.float32)
+        models = f.models["maskrcnn"]
+        if self._x is None:
+            self._x = f._input([self.image])
+            for model in models:
+                with torch.autocast(f.device.type, dtype=torch.float16, enabled=f.amp):
+                    self._features.append(model.box_features(self._x))
+        h, w = int(self._x.shape[-2]), int(self._x.shape[-1])
+        b = torch.as_tensor(boxes, device=f.device) * torch.tensor([w / W, h / H, w / W, h / H], device=f.device)
+        lab = torch.as_tensor(np.asarray(labels), device=f.device).long().reshape(-1)
+        view_boxes = [tta.flip_boxes(b, v, h, w) for v in f.views]
+        total = torch.zeros((n, MASK_SIZE, MASK_SIZE), device=f.device)
+        for model, feats in zip(models, self._features):
+            with torch.autocast(f.device.type, dtype=torch.float16, enabled=f.amp):
+                outs = model.masks_for_boxes(self._x, view_boxes, [lab] * len(f.views), features=feats)
+            for v, m in zip(f.views, outs):
+                total += tta.flip_box_masks(m.float(), b, v)
+        total /= len(models) * len(f.views)
+        # the masks were predicted at the input scale: re-express them on the original boxes
+        shift = rescale_shift(W / w, H / h)
+        return shift_box_masks(total, torch.as_tensor(boxes, device=f.device), *shift).cpu().numpy()

@@ -1,0 +1,134 @@
+"""Segment images with the trained ensemble: :func:`segment` (what 06 and pseudo-labelling use)
+and ``python -m neuroseg predict`` (``cli_predict``) on any folder.
+
+Images stream one batch at a time through :class:`~neuroseg.inference.fold_models.FoldEnsemble`;
+each image's fold/TTA predictions become one label image: ``fusion.fuse`` with the parameters
+tuned by step 05, or with ``only="maskrcnn" | "upernet"`` that model alone
+(``fusion.single_model``, same tuned thresholds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from neuroseg.config import Config
+from neuroseg.ensemble import fusion
+from neuroseg.inference.fold_models import FoldEnsemble, image_files, iter_predictions
+from neuroseg.paths import Paths
+from neuroseg.utils.atomic_io import atomic_path, read_json
+
+log = logging.getLogger("neuroseg")
+
+SINGLE_MODELS = fusion.SINGLE_MODELS  # the models that make masks on their own
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".tif", ".tiff")
+
+
+def load_params(paths: Paths) -> fusion.EnsembleParams:
+    if not paths.ensemble_params.is_file():
+        raise FileNotFoundError(f"{paths.ensemble_params} not found: run 05_ensemble.py first "
+                                f"(same --config, --data-dir and --output-dir)")
+    try:
+        stored = read_json(paths.ensemble_params)  # {"format", "params", "scores", ...} (report.py)
+        if not isinstance(stored, dict) or "params" not in stored:
+            raise ValueError("no 'params' section")
+        return fusion.EnsembleParams.from_json(stored["params"])
+    except ValueError as e:  # truncated, or written by another version: say which file
+        raise ValueError(f"{paths.ensemble_params}: {e}; rerun 05_ensemble.py --force") from None
+
+
+def models_needed(cfg: Config, only: str | None) -> tuple[str, ...]:
+    if only is None:
+        return tuple(cfg.ensemble.models)
+    if only not in SINGLE_MODELS:
+        raise ValueError(f"--only {only!r}: valid: {list(SINGLE_MODELS)} (YOLOX makes boxes, not masks)")
+    return (only,)
+
+
+def segment(images: Sequence[Path], folds: FoldEnsemble, params: fusion.EnsembleParams,
+            only: str | None = None, batch_size: int = 1, progress: bool = True
+            ) -> Iterator[tuple[Path, np.ndarray, fusion.FusedResult]]:
+    """Yield ``(path, image uint8, fused result)`` per image, in order; memory holds one batch."""
+    from tqdm import tqdm
+
+    stream = zip(images, iter_predictions(folds, images, batch_size))
+    for path, (image, pred) in tqdm(stream, total=len(images), desc="predict", unit="img",
+                                    disable=not progress, mininterval=5):
+        # the mask heads run lazily, only on the boxes the ensemble keeps
+        mask_fn = folds.mask_fn(image) if "maskrcnn" in folds.models else None
+        if only is None:
+            result = fusion.fuse(fusion.add_image_vote(pred, image, params), params, mask_fn)
+        else:
+            result = fusion.single_model(pred, only, params, mask_fn)
+        yield path, image, result
+
+
+# ---- python -m neuroseg predict ----
+
+def write_outputs(out_dir: Path, stem: str, image: np.ndarray, label: np.ndarray) -> None:
+    """``labels/<stem>.png`` (uint16, 0 = background, k = instance k) and ``overlays/<stem>.png``
+    (the image with every instance outlined)."""
+    import cv2
+    from skimage.segmentation import mark_boundaries
+
+    if label.max(initial=0) > np.iinfo(np.uint16).max:
+        raise ValueError(f"{stem}: {label.max()} instances do not fit a uint16 label PNG")
+    rgb = np.repeat(image[..., None], 3, axis=2)
+    overlay = mark_boundaries(rgb, label, color=(1.0, 0.85, 0.0), mode="inner")  # float RGB in [0, 1]
+    overlay_bgr = cv2.cvtColor((overlay * 255).round().astype(np.uint8), cv2.COLOR_RGB2BGR)
+    for sub, array in (("labels", label.astype(np.uint16)), ("overlays", overlay_bgr)):
+        with atomic_path(out_dir / sub / f"{stem}.png") as tmp:
+            if not cv2.imwrite(str(tmp), array):
+                raise OSError(f"cannot write {out_dir / sub / f'{stem}.png'}")
+
+
+def cli_predict(argv: list[str] | None = None) -> int:
+    from neuroseg import config as config_mod
+    from neuroseg.structures.label_image import label_to_rles
+    from neuroseg.structures.submission_csv import write_submission
+    from neuroseg.utils.logging import setup_logging
+
+    p = argparse.ArgumentParser(prog="python -m neuroseg predict",
+                                description="Segment a folder of PNG/TIFF images (any size) with the "
+                                            "trained fold models and the tuned ensemble.")
+    p.add_argument("images_dir", help=f"folder of {'/'.join(IMAGE_SUFFIXES)} images")
+    p.add_argument("--out", required=True, help="writes predictions.csv, labels/*.png, overlays/*.png")
+    p.add_argument("--config", default=None, help="the YAML config the models were trained with")
+    p.add_argument("--output-dir", default=None, help="where the checkpoints and ensemble params are")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--only", choices=SINGLE_MODELS, default=None, help="one model instead of the ensemble")
+    args = p.parse_args(argv)
+    setup_logging()
+    try:
+        cfg = config_mod.load(args.config, args.overrides)
+        paths = Paths.resolve(None, args.output_dir)
+        images = image_files(args.images_dir, IMAGE_SUFFIXES)
+        stems = Counter(p.stem for p in images)
+        if max(stems.values()) > 1:  # a.png and a.tif would write one labels/a.png
+            raise ValueError(f"{args.images_dir}: several images share a name: "
+                             f"{sorted(s for s, n in stems.items() if n > 1)}")
+        params = load_params(paths)
+        folds = FoldEnsemble.from_checkpoints(cfg, paths, models_needed(cfg, args.only))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out)
+    n = 0
+
+    def rows() -> Iterator[tuple[str, list[str]]]:
+        nonlocal n
+        for path, image, result in segment(images, folds, params, args.only, cfg.submission.batch_size):
+            write_outputs(out_dir, path.stem, image, result.label)
+            n += int(result.label.max(initial=0))
+            yield path.stem, label_to_rles(result.label)
+
+    csv_path = write_submission(rows(), out_dir / "predictions.csv")
+    log.info("predict: %d images, %d instances -> %s, %s/, %s/", len(images), n, csv_path,
+             out_dir / "labels", out_dir / "overlays")
+    return 0

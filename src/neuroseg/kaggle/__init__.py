@@ -1,0 +1,1 @@
+"""The offline Kaggle bundle: wheels, weights, notebook, rehearsal."""

@@ -1,0 +1,174 @@
+"""05: tune the ensemble on the OOF cache and report it (``run_ensemble``).
+
+Reads every fold's OOF cache of ``ensemble.models`` (lazily, one image at a time), the original
+``train.csv`` labels (the competition scores raw labels, not the cleaned ones), and for the mask
+head of image X the Mask R-CNN of the fold that validated on X (its ``best.pt``, checked against
+the OOF manifest). Writes ``params.json`` (params + OOF scores + provenance), ``report.md``, a
+score chart, OOF overlays and the per-image scores. Idempotent: nothing is redone while
+params.json is newer than every OOF manifest and the inputs it records are unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from neuroseg.config import Config
+from neuroseg.ensemble.celltype import fit_cell_type_classifier
+from neuroseg.ensemble.report import format_report, write_figures, write_scores_csv
+from neuroseg.ensemble.tuning import truth_from_records, tune_ensemble
+from neuroseg.evaluation import oof_cache
+from neuroseg.evaluation.oof_cache import LazyOOF
+from neuroseg.paths import TRAIN_SCRIPTS, Paths
+from neuroseg.structures.predictions import MaskFn
+from neuroseg.utils.atomic_io import atomic_write_json, atomic_write_text, read_json
+from neuroseg.utils.hashing import file_sha256
+
+log = logging.getLogger("neuroseg")
+
+FORMAT = 1
+
+
+def read_manifests(cfg: Config, paths: Paths) -> dict[str, dict[int, dict[str, Any]]]:
+    """``{model: {fold: manifest}}`` for ``ensemble.models`` x the config's folds; raises
+    ``OOFError`` listing every missing cache and the script that writes it."""
+    manifests: dict[str, dict[int, dict[str, Any]]] = {}
+    missing = []
+    for model in cfg.ensemble.models:
+        for fold in cfg.fold_ids:
+            m = oof_cache.read_manifest(paths, model, fold)
+            if m is None:
+                missing.append(f"  {model} fold {fold}: {paths.oof_dir(model, fold)} (run {TRAIN_SCRIPTS[model]})")
+            else:
+                manifests.setdefault(model, {})[fold] = m
+    if missing:
+        raise oof_cache.OOFError(f"05_ensemble needs the OOF cache of {list(cfg.ensemble.models)} for folds "
+                           f"{list(cfg.fold_ids)}; missing:\n" + "\n".join(missing) +
+                           "\n(or leave the model out: --set ensemble.models=...)")
+    for model, folds in manifests.items():
+        current = oof_cache.fold_config_hash(cfg, paths, model)
+        stale = [f for f, m in folds.items() if m.get("config_hash") != current]
+        if stale:
+            log.warning("%s folds %s: OOF cache was made with another config than this one", model, stale)
+    return manifests
+
+
+class OOFMaskFns(Mapping):
+    """``{image_id: MaskFn}``: the mask head of the Mask R-CNN fold model that did not train on the
+    image (the one whose OOF cache holds it). Models load once per fold; the image on access.
+    An image's mask function, with its backbone features, is kept while the kept ones hold under
+    ``ensemble.feature_cache_mb``: the tuning asks every image again for each box-fusion setting."""
+
+    def __init__(self, cfg: Config, paths: Paths, manifests: Mapping[int, dict[str, Any]]) -> None:
+
+        from neuroseg.inference.fold_models import resolve_device
+
+        self.cfg, self.paths = cfg, paths
+        self.fold_of = {i: f for f, m in manifests.items() for i in m["image_ids"]}
+        self.device = resolve_device(cfg.device)
+        self._models: dict[int, Any] = {}
+        self._kept: dict[str, Any] = {}
+        self._budget = cfg.ensemble.feature_cache_mb * 2**20
+        for fold, m in manifests.items():
+            best = paths.best_checkpoint("maskrcnn", fold)
+            if not best.is_file():
+                raise FileNotFoundError(f"{best} not found: the ensemble runs the Mask R-CNN mask head "
+                                        f"of fold {fold}; run {TRAIN_SCRIPTS['maskrcnn']}")
+            if file_sha256(best) != m.get("checkpoint_sha256"):
+                raise oof_cache.OOFError(f"{best} is not the checkpoint that wrote the Mask R-CNN OOF cache of "
+                                   f"fold {fold}; rerun {TRAIN_SCRIPTS['maskrcnn']}")
+
+    def _model(self, fold: int) -> Any:
+        if fold not in self._models:
+            from neuroseg.inference.fold_models import load_model
+
+            self._models[fold] = load_model(self.paths.best_checkpoint("maskrcnn", fold), self.device)
+            log.info("loaded mask head of maskrcnn fold %d", fold)
+        return self._models[fold]
+
+    def __getitem__(self, image_id: str) -> MaskFn:
+        from neuroseg.data.records import load_image
+        from neuroseg.inference.fold_models import FoldEnsemble
+
+        if image_id in self._kept:
+            return self._kept[image_id]
+        fold = self.fold_of[image_id]
+        folds = FoldEnsemble({"maskrcnn": [self._model(fold)]}, self.cfg.data.train_scale, tta_flips=False,
+                             device=self.device)
+        fn = folds.mask_fn(load_image(self.paths.train_image(image_id)))
+        if self.kept_bytes < self._budget:  # the last one kept may overshoot by one image's features
+            self._kept[image_id] = fn
+        return fn
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(fn.nbytes for fn in self._kept.values())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.fold_of)
+
+    def __len__(self) -> int:
+        return len(self.fold_of)
+
+
+def _inputs(cfg: Config, paths: Paths, manifests: Mapping[str, Mapping[int, dict]]) -> dict[str, Any]:
+    """What params.json depends on besides file times: the settings and every OOF cache's identity."""
+    return {"config_hash": cfg.section_hash("ensemble", "data"),
+            "oof": {f"{m}/fold{f}": [man.get("config_hash"), man.get("checkpoint_sha256")]
+                    for m, folds in sorted(manifests.items()) for f, man in sorted(folds.items())}}
+
+
+def is_fresh(paths: Paths, inputs: dict[str, Any], manifests: Mapping[str, Mapping[int, dict]]) -> bool:
+    if not (paths.ensemble_params.is_file() and paths.ensemble_report.is_file()):
+        return False
+    try:
+        stored = read_json(paths.ensemble_params)
+    except ValueError:
+        return False
+    t = paths.ensemble_params.stat().st_mtime
+    newer = all(t > (paths.oof_dir(m, f) / "manifest.json").stat().st_mtime
+                for m, folds in manifests.items() for f in folds)
+    return newer and stored.get("inputs") == inputs and stored.get("format") == FORMAT
+
+
+def run_ensemble(cfg: Config, paths: Paths, force: bool = False) -> Path:
+    """Tune on the OOF cache, write params.json, report.md and figures; returns params.json."""
+    from neuroseg.data.records import group_records, read_train_csv
+
+    manifests = read_manifests(cfg, paths)
+    inputs = _inputs(cfg, paths, manifests)
+    if not force and is_fresh(paths, inputs, manifests):
+        log.info("%s is up to date (newer than every OOF manifest, same inputs); --force redoes it",
+                 paths.ensemble_params)
+        return paths.ensemble_params
+    started = time.time()
+    oof_by_model = {m: LazyOOF(paths, m, manifests[m]) for m in cfg.ensemble.models}
+    truth = truth_from_records(group_records(read_train_csv(paths.train_csv, paths.train_images)))
+    unknown = sorted(set().union(*map(set, oof_by_model.values())) - set(truth))
+    if unknown:
+        raise oof_cache.OOFError(f"{len(unknown)} OOF image(s) are not in {paths.train_csv}: {unknown[:5]}")
+    mask_fns = OOFMaskFns(cfg, paths, manifests["maskrcnn"]) if "maskrcnn" in oof_by_model else None
+    log.info("tuning the ensemble of %s on %d OOF images (%d trials per cell type)",
+             list(cfg.ensemble.models), len(set.intersection(*map(set, oof_by_model.values()))),
+             cfg.ensemble.tune_trials)
+    fold_of = next(iter(oof_by_model.values())).fold_of
+    classifier, type_probs = (fit_cell_type_classifier(
+        paths, {i: t.cell_type for i, t in truth.items()}, fold_of) if cfg.ensemble.cell_type_classifier
+                              else (None, None))
+    params, report = tune_ensemble(oof_by_model, truth, cfg, mask_fns, type_probs)
+    params.cell_type_classifier = classifier
+    write_scores_csv(paths.ensemble_oof_scores, report, truth, fold_of)
+    captions: dict[str, str] = {}
+    figures = write_figures(paths, report, truth, params, oof_by_model, mask_fns, captions, type_probs)
+    atomic_write_text(paths.ensemble_report, format_report(params, report, figures, captions,
+                                                           time.time() - started))
+    # params.json last: its time stamp is what marks the step done
+    atomic_write_json(paths.ensemble_params, {
+        "format": FORMAT, "params": params.to_json(), "scores": report["summary"],
+        "vote_accuracy": report["vote_accuracy"], "evaluations": report["evaluations"],
+        "models": report["models"], "n_images": report["n_images"], "inputs": inputs})
+    log.info("wrote %s, %s, %s and %d figure(s)", paths.ensemble_params, paths.ensemble_report,
+             paths.ensemble_oof_scores, len(figures))
+    return paths.ensemble_params
