@@ -140,3 +140,10 @@ def tiny_batch() -> tuple[torch.Tensor, list[dict]]:
         images.append(torch.from_numpy(image).float().div(255).expand(3, -1, -1))
         targets.append(make_target(masks, cell_type, f"batch{i}"))
     return torch.stack(images).contiguous(), targets
+
+
+def load_oof(paths, model: str, fold: int) -> dict:
+    """A whole fold's OOF cache, ``{image_id: arrays}`` (05 reads it one image at a time)."""
+    from neuroseg.evaluation import oof_cache
+
+    return dict(oof_cache.iter_oof(paths, model, fold))

@@ -18,6 +18,11 @@ def kaggle_dir(tmp_path: Path) -> Path:
     return write_dataset(tmp_path / "kaggle")
 
 
+
+def instance_masks(record) -> np.ndarray:
+    """Every annotation of a record decoded: ``bool (N, H, W)``."""
+    return np.stack([rle.decode(a, record.shape) for a in record.annotations])
+
 def _rewrite(path: Path, edit) -> list[str]:
     lines = path.read_text().splitlines()
     edit(lines)
@@ -130,7 +135,7 @@ def test_group_records_and_instance_masks(kaggle_dir):
     b1 = grouped[2]
     assert (b1.image_id, b1.cell_type, b1.shape, b1.sample_id, b1.label) == ("b1", "astro", (H, W), "", 2)
     assert grouped[0].sample_id == "s1"
-    masks = records.instance_masks(b1)
+    masks = instance_masks(b1)
     assert masks.dtype == bool and masks.shape == (2, H, W)
     for m, expected in zip(masks, images()["b1"][2]):
         np.testing.assert_array_equal(m, expected)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import load_oof
 from torch import nn
 
 from neuroseg.config import TrainConfig
@@ -59,7 +60,7 @@ def test_fold_writes_checkpoints_history_and_oof(paths):
     assert manifest["image_ids"] == ["img00", "img02", "img04", "img06"]
     assert manifest["config_hash"] == summary["config_hash"]
     assert manifest["checkpoint_sha256"] == file_sha256(paths.best_checkpoint("upernet", 0))
-    cached = oof_cache.load_oof(paths, "upernet", 0)
+    cached = load_oof(paths, "upernet", 0)
     probs = cached["img00"]["probs"]
     assert probs.dtype == np.float16 and probs.shape == (3, T.H, T.W)
     assert np.allclose(probs.astype(np.float32).sum(0), 1.0, atol=1e-2)
@@ -80,7 +81,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run(T.toy_config(*overrides), cut, on_epoch_end=kill_after_first_epoch)
     assert checkpoint.load(cut.last_checkpoint("upernet", 0))["epoch"] == 1
-    assert not train_folds.done_marker(cut, "upernet", 0).exists()
+    assert not train_folds.run_files(cut, "upernet", 0).done.exists()
 
     epochs_run = []
     run(T.toy_config(*overrides), cut, on_epoch_end=lambda e, r: epochs_run.append(e))
@@ -217,7 +218,7 @@ def test_real_model_trains_a_capped_epoch_and_caches_oof(preprocessed, model):
     assert np.isfinite(summary["best_metric"])
     hist = pd.read_csv(preprocessed.history_csv(model, 0))
     assert np.isfinite(hist["loss"]).all() and f"val_{summary['val_metric']}" in hist
-    (image_id, pred), = oof_cache.load_oof(preprocessed, model, 0).items()
+    (image_id, pred), = load_oof(preprocessed, model, 0).items()
     assert {k: str(v.dtype) for k, v in pred.items()} == {k: d for k, (d, _) in oof_cache.SPEC[model].items()}
     if model == "upernet":  # original 128x160, although the model saw 64x80
         assert pred["probs"].shape == (3, 128, 160)

@@ -121,15 +121,11 @@ def test_label_to_rles_round_trip_random():
         np.testing.assert_array_equal(rle.decode(text, (H, W)), label == k)
 
 
-def test_remove_small_keeps_numbers_and_relabel_closes_gaps():
+def test_relabel_closes_gaps_and_returns_the_old_numbers():
     label = np.zeros((H, W), dtype=np.int32)
     label[box(0, 3, 0, 3)] = 2  # 9 px
-    label[box(5, 6, 0, 2)] = 4  # 2 px
     label[box(5, 8, 5, 8)] = 7  # 9 px
-    small_gone = label_image.remove_small(label, 3)
-    assert sorted(np.unique(small_gone).tolist()) == [0, 2, 7]
-    assert (small_gone[label == 2] == 2).all()
-    new, old = label_image.relabel(small_gone, return_old=True)
+    new, old = label_image.relabel(label, return_old=True)
     assert new.dtype == np.int32 and sorted(np.unique(new).tolist()) == [0, 1, 2]
     assert old.tolist() == [2, 7]
     assert ((new == 1) == (label == 2)).all() and ((new == 2) == (label == 7)).all()

@@ -11,7 +11,7 @@ from torchvision.ops import roi_align
 
 from neuroseg import config
 from neuroseg.models import MODELS, build
-from neuroseg.models.upernet import probs_to_instances
+from neuroseg.models.upernet import WatershedParams, probs_to_instances
 from neuroseg.models.weights import WeightsError, load_weights
 from neuroseg.models.yolox import box_ap50
 from neuroseg.structures.box_masks import paste_masks
@@ -317,7 +317,7 @@ def test_probs_to_instances_splits_touching_cells_along_the_border():
     probs[:, cells] = [[0], [0.9], [0.1]]
     probs[:, 5:15, 14:16] = np.array([0, 0.2, 0.8])[:, None, None]  # ... split by a border strip
     probs[:, 1:3, 1:3] = np.array([0, 1, 0])[:, None, None]  # a 4-px speck, under min_area
-    label, scores = probs_to_instances(probs, min_area=8)
+    label, scores = probs_to_instances(probs, WatershedParams(min_area=8))
     assert label.dtype == np.int32 and label.max() == 2
     assert (label[cells] > 0).all() and (label[~cells] == 0).all()
     left, right = label[10, 5], label[10, 25]

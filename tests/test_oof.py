@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import load_oof
 
 from neuroseg.evaluation import oof_cache
 from neuroseg.paths import Paths
@@ -33,7 +34,7 @@ def test_write_then_load_casts_to_the_documented_dtypes(paths):
     manifest = json.loads((paths.oof_dir("maskrcnn", 1) / "manifest.json").read_text())
     assert manifest == {"model": "maskrcnn", "fold": 1, "config_hash": "cfg1", "checkpoint_sha256": "sha1",
                         "image_ids": ["a", "b"], "format": 1}
-    loaded = oof_cache.load_oof(paths, "maskrcnn", 1)
+    loaded = load_oof(paths, "maskrcnn", 1)
     a = loaded["a"]
     assert {k: str(v.dtype) for k, v in a.items()} == {
         "boxes": "float32", "scores": "float32", "labels": "int64", "mask_probs": "float16"}
@@ -45,10 +46,10 @@ def test_write_then_load_casts_to_the_documented_dtypes(paths):
 def test_empty_detections_and_upernet_shapes(paths):
     empty = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, int)}
     oof_cache.write_oof(paths, "yolox", 0, [("x", empty)], "c", "s")
-    assert oof_cache.load_oof(paths, "yolox", 0)["x"]["boxes"].shape == (0, 4)
+    assert load_oof(paths, "yolox", 0)["x"]["boxes"].shape == (0, 4)
     probs = np.full((3, 4, 5), 1 / 3)
     oof_cache.write_oof(paths, "upernet", 0, [("x", {"probs": probs, "cell_type_probs": [0.2, 0.3, 0.5]})], "c", "s")
-    got = oof_cache.load_oof(paths, "upernet", 0)["x"]
+    got = load_oof(paths, "upernet", 0)["x"]
     assert got["probs"].dtype == np.float16 and got["probs"].shape == (3, 4, 5)
     assert got["cell_type_probs"].dtype == np.float32
 
@@ -76,7 +77,7 @@ def test_freshness_follows_config_checkpoint_and_completeness(paths):
     (paths.oof_dir("yolox", 2) / "b.npz").unlink()
     assert not oof_cache.is_fresh(paths, "yolox", 2, "cfg", "sha")
     with pytest.raises(oof_cache.OOFError, match="partial OOF cache"):
-        oof_cache.load_oof(paths, "yolox", 2)
+        load_oof(paths, "yolox", 2)
 
 
 def test_rewrite_replaces_the_whole_cache_never_mixes(paths):
@@ -97,12 +98,12 @@ def test_a_failed_rewrite_keeps_the_previous_cache(paths):
     with pytest.raises(RuntimeError, match="killed"):
         oof_cache.write_oof(paths, "yolox", 0, broken(), "v2", "s")
     assert oof_cache.is_fresh(paths, "yolox", 0, "v1", "s")
-    assert list(oof_cache.load_oof(paths, "yolox", 0)) == ["a"]
+    assert list(load_oof(paths, "yolox", 0)) == ["a"]
 
 
 def test_missing_cache_error_says_what_to_run(paths):
     with pytest.raises(oof_cache.OOFError, match="train the model first"):
-        oof_cache.load_oof(paths, "upernet", 3)
+        load_oof(paths, "upernet", 3)
 
 
 def test_to_original_undoes_the_training_scale_per_axis():

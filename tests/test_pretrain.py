@@ -212,7 +212,7 @@ def test_pretrain_then_finetune_starts_from_the_checkpoint(data, model_name, mon
     torch.manual_seed(cfg.seed)
     loaded = models.build(model_name, cfg)
     load_pretrained(loaded, cfg, paths, model_name)
-    ref = checkpoint.load_for_inference(best, cfg)
+    ref = checkpoint.load_for_inference(best)
     assert torch.equal(flat_outputs(loaded, x), flat_outputs(ref, x))
     a, b = flat_outputs(loaded, x), flat_outputs(fresh, x)
     assert a.shape != b.shape or not torch.allclose(a, b)

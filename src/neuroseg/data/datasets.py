@@ -273,11 +273,3 @@ class InferenceDataset(Dataset):
         image = load_image(path)
         original = (int(image.shape[0]), int(image.shape[1]))
         return image_to_tensor(resize_image(image, self.scale)), path.stem, original
-
-
-def collate_inference(batch: Sequence[tuple[torch.Tensor, str, tuple[int, int]]]):
-    """-> ``(images (B,3,H,W), image_ids, original sizes)``; the images must share one size."""
-    sizes = {tuple(img.shape) for img, _, _ in batch}
-    if len(sizes) > 1:
-        raise ValueError(f"images of different sizes in one batch: {sorted(sizes)}; use batch size 1")
-    return (torch.stack([b[0] for b in batch]), [b[1] for b in batch], [b[2] for b in batch])

@@ -188,11 +188,3 @@ def group_records(df: pd.DataFrame) -> list[ImageRecord]:
             width=int(first["width"]), annotations=tuple(g["annotation"]),
             sample_id="" if pd.isna(sample_id) else str(sample_id)))
     return records
-
-
-def instance_masks(record: ImageRecord) -> np.ndarray:
-    """Decode every annotation: ``bool (N, H, W)`` (labels may overlap)."""
-    masks = np.zeros((len(record.annotations), record.height, record.width), dtype=bool)
-    for i, a in enumerate(record.annotations):
-        masks[i] = rle.decode(a, record.shape)
-    return masks

@@ -305,8 +305,7 @@ def maskrcnn_alone(boxes: np.ndarray, scores: np.ndarray, mask_probs: np.ndarray
 def upernet_alone(probs: np.ndarray, up: UPerNetParams) -> tuple[np.ndarray, np.ndarray]:
     from neuroseg.models.upernet import probs_to_instances
 
-    label, scores = probs_to_instances(np.asarray(probs, np.float32), up.interior_threshold,
-                                       up.seed_threshold, up.min_area)
+    label, scores = probs_to_instances(np.asarray(probs, np.float32), up)
     drop = np.flatnonzero(scores < up.score_threshold)
     if drop.size:
         label = np.where(np.isin(label, drop + 1), 0, label).astype(np.int32)

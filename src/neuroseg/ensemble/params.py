@@ -13,6 +13,7 @@ from typing import Any
 
 from neuroseg.config import CELL_TYPES
 from neuroseg.ensemble.celltype import CellTypeClassifier
+from neuroseg.models.upernet import WatershedParams
 
 VOTE_MODELS: tuple[str, ...] = ("yolox", "maskrcnn", "upernet")
 # Who votes on an image's cell type: the models, and the image-statistics classifier (celltype.py)
@@ -43,10 +44,9 @@ class MaskRCNNParams:
 
 
 @dataclass
-class UPerNetParams:
-    interior_threshold: float = 0.5  # probs_to_instances' cell-pixel threshold
-    seed_threshold: float = 0.5  # ... and its seed threshold (0.7 found no seed in a weak model)
-    min_area: int = 8
+class UPerNetParams(WatershedParams):
+    """UPerNet's watershed (its defaults are ``WatershedParams``') plus a score threshold."""
+
     score_threshold: float = 0.0  # on the instance's mean interior probability
 
 

@@ -248,10 +248,6 @@ def iter_oof(paths: Paths, model: str, fold: int) -> Iterator[tuple[str, dict[st
             yield image_id, {k: z[k] for k in z.files}
 
 
-def load_oof(paths: Paths, model: str, fold: int) -> dict[str, dict[str, np.ndarray]]:
-    return dict(iter_oof(paths, model, fold))
-
-
 class LazyOOF(Mapping):
     """``{image_id: OOF arrays}`` of one model, read from its fold caches on access."""
 

@@ -15,7 +15,6 @@ so memory does not grow with the number of test images.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -24,7 +23,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from neuroseg import config as config_mod
 from neuroseg.config import Config
 from neuroseg.data.datasets import image_to_tensor, resize_image
 from neuroseg.evaluation import oof_cache
@@ -33,47 +31,10 @@ from neuroseg.paths import MODEL_NAMES, TRAIN_SCRIPTS, Paths
 from neuroseg.structures.box_masks import MASK_SIZE, rescale_shift, shift_box_masks
 from neuroseg.structures.predictions import BoxSet, ImagePredictions
 from neuroseg.training import checkpoint
+from neuroseg.utils import distributed
 
 log = logging.getLogger("neuroseg")
 
-
-
-def resolve_device(name: str) -> torch.device:
-    from neuroseg.utils.distributed import DistInfo
-    from neuroseg.utils.distributed import resolve_device as resolve
-
-    return resolve(name, DistInfo())
-
-
-def _inference_config(stored: dict) -> Config:
-    """The checkpoint's own config (the architecture it was trained with), minus the paths of
-    pretrained weights: ``best.pt`` holds every weight, and those files need not exist where we
-    predict (a Kaggle notebook without internet)."""
-    cfg = config_mod.from_dict(stored)
-    return dataclasses.replace(
-        cfg,
-        yolox=dataclasses.replace(cfg.yolox, weights=""),
-        maskrcnn=dataclasses.replace(cfg.maskrcnn, weights=""),
-        upernet=dataclasses.replace(cfg.upernet, encoder_weights=""),
-    )
-
-
-def load_model(path: Path, device: torch.device, train_scale: float | None = None) -> nn.Module:
-    """Rebuild the model a ``best.pt`` names (as ``checkpoint.load_for_inference``, without
-    pretrained-weight files) and load its weights (the EMA when trained with it); eval mode.
-    Warns when the model was trained at another ``data.train_scale`` than inference will use."""
-    from neuroseg import models
-
-    ckpt = checkpoint.load(path)
-    if "model" not in ckpt or "model_name" not in ckpt or "config" not in ckpt:
-        raise RuntimeError(f"{path} is not a neuroseg inference checkpoint (keys {sorted(ckpt)})")
-    stored = _inference_config(ckpt["config"])
-    if train_scale is not None and stored.data.train_scale != train_scale:
-        log.warning("%s was trained at data.train_scale=%s but inference uses %s: cells will not have "
-                    "the size the model learnt", path, stored.data.train_scale, train_scale)
-    model = models.build(ckpt["model_name"], stored)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval()
 
 
 def load_fold_models(cfg: Config, paths: Paths, model_names: Sequence[str],
@@ -87,7 +48,7 @@ def load_fold_models(cfg: Config, paths: Paths, model_names: Sequence[str],
                                 f"(folds {list(cfg.fold_ids)}):\n" + "\n".join(lines))
     out = {}
     for name in model_names:
-        out[name] = [load_model(paths.best_checkpoint(name, fold), device, cfg.data.train_scale)
+        out[name] = [checkpoint.load_for_inference(paths.best_checkpoint(name, fold), device, cfg.data.train_scale)
                      for fold in cfg.fold_ids]
         log.info("loaded %s folds %s on %s", name, list(cfg.fold_ids), device)
     return out
@@ -110,7 +71,7 @@ class FoldEnsemble:
     @classmethod
     def from_checkpoints(cls, cfg: Config, paths: Paths, model_names: Sequence[str] = MODEL_NAMES,
                          device: torch.device | None = None) -> "FoldEnsemble":
-        device = device or resolve_device(cfg.device)
+        device = device or distributed.resolve_device(cfg.device)
         models = load_fold_models(cfg, paths, model_names, device)
         amp = all(getattr(cfg, n).train.amp for n in model_names)
         return cls(models, cfg.data.train_scale, cfg.submission.tta_flips, device, amp)

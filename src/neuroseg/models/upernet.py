@@ -9,6 +9,8 @@ labels the whole image (one cell type per image in this data).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -25,20 +27,29 @@ DICE_EPS = 1.0
 ENCODER_HEAD_PREFIXES = ("fc.", "head.", "classifier.", "model.fc.", "model.head.", "model.classifier.")
 
 
-def probs_to_instances(
-    probs: np.ndarray,
-    interior_threshold: float = 0.5,
-    seed_threshold: float = 0.5,
-    min_area: int = 8,
-) -> tuple[np.ndarray, np.ndarray]:
+@dataclass
+class WatershedParams:
+    """The post-processing of :func:`probs_to_instances`; these defaults are its one copy (05
+    tunes them per cell type as ``ensemble.params.UPerNetParams``, a subclass)."""
+
+    interior_threshold: float = 0.5  # cell pixels: P(interior) + P(border) above this
+    seed_threshold: float = 0.5  # seeds: P(interior) - P(border) above this (0.7 found no seed in a weak model)
+    min_area: int = 8
+
+
+def probs_to_instances(probs: np.ndarray, params: WatershedParams | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """``(3, H, W)`` background/interior/border probabilities -> ``(label int32 (H,W), scores)``.
 
-    Cell pixels: P(interior) + P(border) > ``interior_threshold`` (the border ring belongs to the
+    ``params`` defaults to :class:`WatershedParams`. Cell pixels: P(interior) + P(border) >
+    ``interior_threshold`` (the border ring belongs to the
     cell's mask). Seeds: 4-connected components of P(interior) - P(border) > ``seed_threshold``.
     A watershed on -(interior - border) from the seeds, restricted to cell pixels, splits touching
     cells along their border. Instances under ``min_area`` px are dropped; the rest are numbered
     1..N. ``scores[k-1]`` is instance k's mean P(interior).
     """
+    p = params or WatershedParams()
+    interior_threshold, seed_threshold, min_area = p.interior_threshold, p.seed_threshold, p.min_area
     probs = np.asarray(probs, dtype=np.float32)
     if probs.ndim != 3 or probs.shape[0] != 3:
         raise ValueError(f"expected probs (3, H, W), got {probs.shape}")

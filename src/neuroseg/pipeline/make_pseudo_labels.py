@@ -110,7 +110,8 @@ def make_pseudo_labels(cfg: Config, images: Sequence[Path], ensembles: dict, par
 def fold_ensembles(cfg: Config, paths: Paths) -> dict:
     """``{fold: FoldEnsemble of that fold's models}`` with ``pseudo.per_fold``, else
     ``{None: FoldEnsemble of every fold}``; each model's ``best.pt`` is loaded once."""
-    from neuroseg.inference.fold_models import FoldEnsemble, load_fold_models, resolve_device
+    from neuroseg.inference.fold_models import FoldEnsemble, load_fold_models
+    from neuroseg.utils.distributed import resolve_device
 
     device = resolve_device(cfg.device)
     names = tuple(cfg.ensemble.models)

@@ -29,9 +29,10 @@ import torch
 from neuroseg import config as config_mod
 from neuroseg.config import Config
 from neuroseg.paths import MODEL_NAMES, Paths
-from neuroseg.training import checkpoint, history, loop
+from neuroseg.training import checkpoint, history, loop, run_state
+from neuroseg.training.run_state import RunFiles
 from neuroseg.utils import distributed
-from neuroseg.utils.atomic_io import atomic_write_json, read_json
+from neuroseg.utils.atomic_io import atomic_write_json
 from neuroseg.utils.hashing import file_sha256, json_hash
 
 log = logging.getLogger("neuroseg")
@@ -127,11 +128,11 @@ def _index_stamp(db_path: Path) -> dict[str, str]:
     return {k: v for k, v in stamp.items() if k != "images_dir"}  # the json, not where it sits
 
 
-def _files(paths: Paths, model_name: str) -> list[Path]:
+def run_files(paths: Paths, model_name: str) -> RunFiles:
     d = paths.pretrain_model_dir(model_name)
     csv = paths.pretrain_history(model_name)
-    return [paths.pretrain_last(model_name), paths.pretrain_best(model_name), d / "done.json",
-            d / "manifest.json", csv, history.png_path(csv)]
+    return RunFiles(done=d / "done.json", manifest=d / "manifest.json", best=paths.pretrain_best(model_name),
+                    last=paths.pretrain_last(model_name), others=(csv, history.png_path(csv)))
 
 
 def pretrain_model(cfg: Config, paths: Paths, model_name: str, force: bool = False,
@@ -152,26 +153,16 @@ def pretrain_model(cfg: Config, paths: Paths, model_name: str, force: bool = Fal
     distributed.barrier()
     train_set, val_set, index_files = data or build_datasets(data_cfg, paths, index=False)
     h = config_hash(cfg, model_name, index_files)
-    d = paths.pretrain_model_dir(model_name)
-    done, manifest, best = d / "done.json", d / "manifest.json", paths.pretrain_best(model_name)
+    files = run_files(paths, model_name)
+    best = files.best
     desc = f"{model_name} pretrain"
     summary: dict[str, Any] = {"model": model_name, "config_hash": h}
-    if not force and done.is_file() and best.is_file() and read_json(done).get("config_hash") == h:
-        log.info("%s: already done (%s); skipping (--force redoes it)", desc, done)
-        return {**summary, **read_json(done), "skipped": True}
-    old = read_json(manifest).get("config_hash") if manifest.is_file() else None
-    distributed.barrier()
-    leftovers = old is None and any(p.is_file() for p in (done, paths.pretrain_last(model_name)))
-    if info.is_main and (force or (old is not None and old != h) or leftovers):
-        reason = ("--force" if force else "files without a manifest" if leftovers
-                  else f"settings changed: {old} -> {h}")
-        log.info("%s: starting afresh (%s)", desc, reason)
-        for p in _files(paths, model_name):
-            p.unlink(missing_ok=True)
-    distributed.barrier()
-    if info.is_main:
-        config_mod.save(cfg, d / "config.yaml")
-        atomic_write_json(manifest, {"model": model_name, "config_hash": h})
+    done = run_state.finished(files, h, force)
+    if done is not None:
+        log.info("%s: already done (%s); skipping (--force redoes it)", desc, files.done)
+        return {**summary, **done, "skipped": True}
+    run_state.begin(files, h, {"model": model_name}, desc, force=force, is_main=info.is_main,
+                    save_config=lambda: config_mod.save(cfg, paths.pretrain_model_dir(model_name) / "config.yaml"))
     checkpoint.seed_everything(cfg.seed)
     if model_factory is None:
         from neuroseg import models
@@ -188,7 +179,7 @@ def pretrain_model(cfg: Config, paths: Paths, model_name: str, force: bool = Fal
     result = loop.fit(model, train_set, val_set, tc, run, collate_fn=collate, device=device, info=info)
     summary.update(result, skipped=False, seconds=round(time.time() - t0, 1))
     if info.is_main:
-        atomic_write_json(done, {**summary, "checkpoint_sha256": file_sha256(best)})
+        atomic_write_json(files.done, {**summary, "checkpoint_sha256": file_sha256(best)})
         log.info("%s: best %s %.4f at epoch %d -> %s (fold trainers start from it with "
                  "pretrain.enabled=true)", desc, result["val_metric"], result["best_metric"],
                  result["best_epoch"], best)

@@ -29,9 +29,10 @@ from neuroseg.data.records import ImageRecord, group_records, read_train_csv
 from neuroseg.evaluation import oof_cache
 from neuroseg.paths import MODEL_NAMES, Paths
 from neuroseg.pipeline import pretrain
-from neuroseg.training import checkpoint, history, loop
+from neuroseg.training import checkpoint, history, loop, run_state
+from neuroseg.training.run_state import RunFiles
 from neuroseg.utils import distributed
-from neuroseg.utils.atomic_io import atomic_write_json, read_json
+from neuroseg.utils.atomic_io import atomic_write_json
 from neuroseg.utils.hashing import file_sha256
 
 log = logging.getLogger("neuroseg")
@@ -39,17 +40,13 @@ log = logging.getLogger("neuroseg")
 ModelFactory = Callable[[], torch.nn.Module]
 
 
-def done_marker(paths: Paths, model_name: str, fold: int) -> Path:
-    return paths.fold_dir(model_name, fold) / "done.json"
-
-
-def fold_manifest(paths: Paths, model_name: str, fold: int) -> Path:
-    """``{"model", "fold", "config_hash"}`` of the run that owns the fold dir's checkpoints."""
-    return paths.fold_dir(model_name, fold) / "manifest.json"
-
-
-def config_yaml(paths: Paths, model_name: str, fold: int) -> Path:
-    return paths.fold_dir(model_name, fold) / "config.yaml"
+def run_files(paths: Paths, model_name: str, fold: int) -> RunFiles:
+    """A fold's checkpoints, ``done.json``, and ``manifest.json`` (``{"model", "fold", "config_hash"}``
+    of the run that owns the fold dir's checkpoints)."""
+    d = paths.fold_dir(model_name, fold)
+    csv = paths.history_csv(model_name, fold)
+    return RunFiles(done=d / "done.json", manifest=d / "manifest.json", best=paths.best_checkpoint(model_name, fold),
+                    last=paths.last_checkpoint(model_name, fold), others=(csv, history.png_path(csv)))
 
 
 # ---- inputs ----
@@ -140,7 +137,7 @@ def write_fold_oof(cfg: Config, paths: Paths, model_name: str, fold: int, val: l
         return paths.oof_dir(model_name, fold)
     log.info("%s fold %d: predicting %d val images with %s", model_name, fold, len(val), best)
     if model_factory is None:
-        model = checkpoint.load_for_inference(best, cfg, device)
+        model = checkpoint.load_for_inference(best, device)
     else:
         model = model_factory()
         model.load_state_dict(checkpoint.load(best)["model"])
@@ -153,28 +150,6 @@ def write_fold_oof(cfg: Config, paths: Paths, model_name: str, fold: int, val: l
 
 
 # ---- one fold ----
-
-def _clear_fold(paths: Paths, model_name: str, fold: int) -> None:
-    for p in (paths.last_checkpoint(model_name, fold), paths.best_checkpoint(model_name, fold),
-              done_marker(paths, model_name, fold), fold_manifest(paths, model_name, fold),
-              paths.history_csv(model_name, fold),
-              history.png_path(paths.history_csv(model_name, fold))):
-        p.unlink(missing_ok=True)
-
-
-def _stale_reason(paths: Paths, model_name: str, fold: int, config_hash: str) -> str | None:
-    """Why the fold's existing files cannot be continued (None: nothing there, or same config).
-
-    Read from the small ``manifest.json`` rather than ``last.pt`` (hundreds of MB with optimizer
-    state); ``loop.fit`` checks the checkpoint's own hash again before resuming."""
-    manifest = fold_manifest(paths, model_name, fold)
-    if manifest.is_file():
-        old = read_json(manifest).get("config_hash")
-        return None if old == config_hash else f"config changed: {old} -> {config_hash}"
-    leftovers = [p.name for p in (paths.last_checkpoint(model_name, fold), done_marker(paths, model_name, fold))
-                 if p.is_file()]
-    return f"{leftovers} without a manifest" if leftovers else None
-
 
 def train_fold(cfg: Config, paths: Paths, model_name: str, fold: int, force: bool = False, *,
                model_factory: ModelFactory | None = None,
@@ -195,35 +170,26 @@ def train_fold(cfg: Config, paths: Paths, model_name: str, fold: int, force: boo
     h = oof_cache.fold_config_hash(cfg, paths, model_name)  # includes pretraining and pseudo-labels
     train_recs, val_recs = load_fold_records(cfg, paths, fold)
     desc = f"{model_name} fold {fold}"
-    done = done_marker(paths, model_name, fold)
-    best_path = paths.best_checkpoint(model_name, fold)
+    files = run_files(paths, model_name, fold)
+    best_path = files.best
     summary: dict[str, Any] = {"model": model_name, "fold": fold, "config_hash": h}
 
-    finished = (not force and done.is_file() and best_path.is_file()
-                and read_json(done).get("config_hash") == h)
-    if finished:
-        log.info("%s: already trained (%s); skipping (--force retrains)", desc, done)
-        summary.update(read_json(done), skipped=True)
+    done = run_state.finished(files, h, force)
+    if done is not None:
+        log.info("%s: already trained (%s); skipping (--force retrains)", desc, files.done)
+        summary.update(done, skipped=True)
     else:
-        reason = "--force" if force else _stale_reason(paths, model_name, fold, h)
-        distributed.barrier()  # every rank has decided before rank 0 deletes anything
-        if reason and info.is_main:
-            log.info("%s: training afresh (%s)", desc, reason)
-            _clear_fold(paths, model_name, fold)
-        distributed.barrier()
-        if info.is_main:
-            config_mod.save(cfg, config_yaml(paths, model_name, fold))
-            atomic_write_json(fold_manifest(paths, model_name, fold),
-                              {"model": model_name, "fold": fold, "config_hash": h})
+        run_state.begin(files, h, {"model": model_name, "fold": fold}, desc, force=force, is_main=info.is_main,
+                        save_config=lambda: config_mod.save(cfg, paths.fold_dir(model_name, fold) / "config.yaml"))
         result = _fit_fold(cfg, paths, model_name, fold, h, train_recs, val_recs, device, info,
                            model_factory, on_epoch_end)
         summary.update(result, skipped=False)
         if info.is_main:
             sha = file_sha256(best_path)
-            atomic_write_json(done, {**summary, "checkpoint_sha256": sha})
+            atomic_write_json(files.done, {**summary, "checkpoint_sha256": sha})
             log.info("%s: best %s %.4f at epoch %d -> %s; history %s (+ .png), %s", desc,
                      result["val_metric"], result["best_metric"], result["best_epoch"], best_path,
-                     paths.history_csv(model_name, fold), done)
+                     paths.history_csv(model_name, fold), files.done)
     # OOF only on rank 0: a fold's val images are few next to training; the others wait
     if info.is_main:
         summary["oof_dir"] = str(write_fold_oof(cfg, paths, model_name, fold, val_recs, h, device,

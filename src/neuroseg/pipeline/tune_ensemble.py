@@ -63,7 +63,7 @@ class OOFMaskFns(Mapping):
 
     def __init__(self, cfg: Config, paths: Paths, manifests: Mapping[int, dict[str, Any]]) -> None:
 
-        from neuroseg.inference.fold_models import resolve_device
+        from neuroseg.utils.distributed import resolve_device
 
         self.cfg, self.paths = cfg, paths
         self.fold_of = {i: f for f, m in manifests.items() for i in m["image_ids"]}
@@ -82,9 +82,9 @@ class OOFMaskFns(Mapping):
 
     def _model(self, fold: int) -> Any:
         if fold not in self._models:
-            from neuroseg.inference.fold_models import load_model
+            from neuroseg.training.checkpoint import load_for_inference
 
-            self._models[fold] = load_model(self.paths.best_checkpoint("maskrcnn", fold), self.device)
+            self._models[fold] = load_for_inference(self.paths.best_checkpoint("maskrcnn", fold), self.device)
             log.info("loaded mask head of maskrcnn fold %d", fold)
         return self._models[fold]
 

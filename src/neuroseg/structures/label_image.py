@@ -108,17 +108,6 @@ def label_to_rles(label: np.ndarray) -> list[str]:
     return [rle.encode_indices(idx) for idx in label_to_indices(label)]
 
 
-def remove_small(label: np.ndarray, min_area: int) -> np.ndarray:
-    """Set instances with fewer than ``min_area`` pixels to background; the other labels keep their
-    numbers (so ``scores[k - 1]`` stays valid; :func:`relabel` closes the gaps)."""
-    label = _check_label(label)
-    areas = np.bincount(label.ravel())
-    lut = np.arange(areas.size, dtype=label.dtype)
-    lut[areas < min_area] = 0
-    lut[0] = 0
-    return lut[label]
-
-
 def relabel(label: np.ndarray, return_old: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Renumber the labels present to 1..K keeping their order; ``int32``. With ``return_old``,
     also the old label of each new one (``old[k - 1]``), e.g. to reindex scores: ``scores[old - 1]``."""

@@ -9,6 +9,7 @@ a model from ``best.pt`` (used by the OOF step and test-time prediction).
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import random
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 
 from neuroseg.utils.atomic_io import atomic_path
+
+log = logging.getLogger("neuroseg")
 
 
 class ModelEMA:
@@ -105,12 +108,14 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
 
 
-def load_for_inference(path: str | Path, cfg: Any = None, device: str | torch.device = "cpu") -> nn.Module:
-    """Build the model named in ``best.pt`` and load its (EMA) weights; eval mode.
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
+                       train_scale: float | None = None) -> nn.Module:
+    """Rebuild the model a ``best.pt`` names from the config stored in it (the architecture it was
+    trained with) and load its weights (the EMA when trained with it); eval mode.
 
-    ``cfg`` defaults to the config stored in the checkpoint, so a model is rebuilt exactly as
-    trained. Pretrained-weight paths are dropped: ``best.pt`` holds every weight, and those files
-    need not exist where we predict.
+    Pretrained-weight paths are dropped: ``best.pt`` holds every weight, and those files need not
+    exist where we predict (a Kaggle notebook without internet). Warns when the model was trained
+    at another ``data.train_scale`` than ``train_scale``, the one inference will use.
     """
     import dataclasses
 
@@ -118,12 +123,15 @@ def load_for_inference(path: str | Path, cfg: Any = None, device: str | torch.de
     from neuroseg import models
 
     ckpt = load(path)
-    if "model" not in ckpt or "model_name" not in ckpt:
+    if "model" not in ckpt or "model_name" not in ckpt or "config" not in ckpt:
         raise RuntimeError(f"{path} is not a neuroseg inference checkpoint (keys {sorted(ckpt)})")
-    cfg = cfg if cfg is not None else config_mod.from_dict(ckpt["config"])
+    cfg = config_mod.from_dict(ckpt["config"])
     cfg = dataclasses.replace(cfg, yolox=dataclasses.replace(cfg.yolox, weights=""),
                               maskrcnn=dataclasses.replace(cfg.maskrcnn, weights=""),
                               upernet=dataclasses.replace(cfg.upernet, encoder_weights=""))
+    if train_scale is not None and cfg.data.train_scale != train_scale:
+        log.warning("%s was trained at data.train_scale=%s but inference uses %s: cells will not have "
+                    "the size the model learnt", path, cfg.data.train_scale, train_scale)
     model = models.build(ckpt["model_name"], cfg)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()

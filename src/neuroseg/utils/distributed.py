@@ -46,8 +46,10 @@ def env_info() -> DistInfo:
         raise RuntimeError(f"bad torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK): {e}") from None
 
 
-def resolve_device(name: str, info: DistInfo) -> torch.device:
-    """``auto`` = CUDA when available; under torchrun each process takes GPU ``LOCAL_RANK``."""
+def resolve_device(name: str, info: DistInfo | None = None) -> torch.device:
+    """``auto`` = CUDA when available; under torchrun each process takes GPU ``LOCAL_RANK``
+    (``info``; default: a single process, GPU 0)."""
+    info = info or DistInfo()
     if name not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
@@ -87,12 +89,3 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (rank 0 decides, e.g. which checkpoint is best)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

@@ -24,7 +24,3 @@ def json_hash(obj: Any, length: int = 16) -> str:
     """Stable short hash of a JSON-able object (keys sorted; tuples and sets as lists)."""
     blob = json.dumps(obj, sort_keys=True, default=list).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
-
-
-def text_hash(text: str, length: int = 64) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
