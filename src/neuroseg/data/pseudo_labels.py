@@ -27,12 +27,12 @@ from neuroseg.config import CELL_TYPES, Config
 from neuroseg.data.records import METADATA_COLUMNS, REQUIRED_COLUMNS, DataError, ImageRecord
 from neuroseg.paths import Paths
 from neuroseg.structures import rle
+from neuroseg.structures.csv_table import problem_report, read_text_csv
 
 log = logging.getLogger("neuroseg")
 
 SOURCE = "pseudo"
 PSEUDO_COLUMNS: tuple[str, ...] = (*REQUIRED_COLUMNS, *METADATA_COLUMNS, "source", "fold", "image_path")
-MAX_LISTED = 30
 
 
 def pseudo_csv(cfg: Config, paths: Paths) -> Path:
@@ -89,14 +89,7 @@ def read_pseudo_labels(path: str | Path, fold: int | None = None) -> list[Pseudo
     """Read and validate a pseudo-label CSV (with ``fold``: only the rows for that fold and for
     every fold); raises :class:`DataError` listing every problem with its line (header = 1)."""
     path = Path(path)
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a readable CSV: {e}") from None
-    missing = [c for c in PSEUDO_COLUMNS if c not in df.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; found {list(df.columns)} "
-                        f"(write it with `python -m neuroseg pseudo-label`)")
+    df = read_text_csv(path, PSEUDO_COLUMNS, DataError, hint=" (write it with `python -m neuroseg pseudo-label`)")
     if fold is not None:  # a fold validates (and holds) only its own rows
         df = df[df["fold"].str.strip().isin(["", str(fold)])]
     problems: list[str] = []
@@ -131,9 +124,7 @@ def read_pseudo_labels(path: str | Path, fold: int | None = None) -> list[Pseudo
             problems.append(f"{where} image_path/cell_type differ from the image's first row")
         g["annotations"].append(row.annotation)
     if problems:
-        shown = "\n  ".join(problems[:MAX_LISTED])
-        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise DataError(f"{path}: {len(problems)} problem(s):\n  {shown}{more}")
+        raise DataError(problem_report(path, problems))
     return [PseudoRecord(ImageRecord(image_id=image_id, cell_type=g["row"].cell_type, height=g["h"],
                                      width=g["w"], annotations=tuple(g["annotations"])),
                          Path(g["row"].image_path).parent, fold)

@@ -20,12 +20,12 @@ from PIL import Image, UnidentifiedImageError
 
 from neuroseg.config import CELL_TYPES
 from neuroseg.structures import rle
+from neuroseg.structures.csv_table import positive_int, problem_report, read_text_csv
 
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("id", "annotation", "width", "height", "cell_type")
 METADATA_COLUMNS: tuple[str, ...] = ("plate_time", "sample_date", "sample_id", "elapsed_timedelta")
-MAX_LISTED_PROBLEMS = 50
 
 
 class DataError(ValueError):
@@ -33,19 +33,8 @@ class DataError(ValueError):
 
 
 def _raise_problems(path: Path, problems: list[str]) -> None:
-    if not problems:
-        return
-    shown = problems[:MAX_LISTED_PROBLEMS]
-    more = len(problems) - len(shown)
-    lines = [f"{path}: {len(problems)} problem(s):", *(f"  {p}" for p in shown)]
-    if more:
-        lines.append(f"  ... and {more} more")
-    raise DataError("\n".join(lines))
-
-
-def _positive_int(text: str) -> int | None:
-    text = text.strip()
-    return int(text) if text.isascii() and text.isdigit() and int(text) > 0 else None
+    if problems:
+        raise DataError(problem_report(path, problems))
 
 
 def read_train_csv(path: str | Path, images_dir: str | Path | None = None) -> pd.DataFrame:
@@ -57,15 +46,8 @@ def read_train_csv(path: str | Path, images_dir: str | Path | None = None) -> pd
         raise DataError(f"{path}: file not found")
     if not images_dir.is_dir():
         raise DataError(f"{path}: images dir {images_dir} not found")
-    try:
-        # all str with "" for empty cells, so nothing is coerced (or NaN-ed) before it is checked;
-        # blank lines are kept as rows so that row i is CSV line i + 2
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a readable CSV: {e}") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
+    # blank lines are kept as rows so that row i is CSV line i + 2
+    df = read_text_csv(path, REQUIRED_COLUMNS, DataError, skip_blank_lines=False)
     if df.empty:
         raise DataError(f"{path}: no rows")
 
@@ -83,7 +65,7 @@ def read_train_csv(path: str | Path, images_dir: str | Path | None = None) -> pd
             continue
         if not row.id.strip():
             problems.append(f"{where} empty id")
-        w, h = _positive_int(row.width), _positive_int(row.height)
+        w, h = positive_int(row.width), positive_int(row.height)
         widths.append(w or 0)
         heights.append(h or 0)
         if w is None:

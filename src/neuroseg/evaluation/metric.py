@@ -34,6 +34,7 @@ from scipy.sparse.csgraph import maximum_bipartite_matching
 
 from neuroseg.config import CELL_TYPES
 from neuroseg.structures import rle
+from neuroseg.structures.csv_table import positive_int, problem_report, read_text_csv
 from neuroseg.structures.submission_csv import decode_all
 
 # Rounded: np.arange accumulates error (0.7000000000000002, 0.8000000000000003, ...), which would
@@ -41,7 +42,6 @@ from neuroseg.structures.submission_csv import decode_all
 THRESHOLDS: np.ndarray = np.round(np.arange(0.5, 1.0, 0.05), 2)
 TRUTH_COLUMNS: tuple[str, ...] = ("id", "annotation", "width", "height", "cell_type")
 PRED_COLUMNS: tuple[str, ...] = ("id", "predicted")
-MAX_LISTED_PROBLEMS = 50
 
 Instances = Union[np.ndarray, Sequence[np.ndarray]]
 """A label image ``(H, W)`` int (0 = background, instance k = k) or a list of flat pixel indices."""
@@ -266,10 +266,7 @@ def _summarise(ids: list[str], cell_types: list[str], scores: list[float]) -> Sc
 
 def _raise_problems(name: str, problems: list[str]) -> None:
     if problems:
-        shown = problems[:MAX_LISTED_PROBLEMS]
-        more = [f"  ... and {len(problems) - len(shown)} more"] if len(problems) > len(shown) else []
-        lines = [f"{name}: {len(problems)} problem(s):", *(f"  {p}" for p in shown), *more]
-        raise ScoreError("\n".join(lines))
+        raise ScoreError(problem_report(name, problems))
 
 
 def _require_columns(df: pd.DataFrame, columns: Sequence[str], name: str) -> None:
@@ -281,11 +278,6 @@ def _require_columns(df: pd.DataFrame, columns: Sequence[str], name: str) -> Non
 def _where(index, image_id: str) -> str:
     row = f"line {int(index) + 2}" if isinstance(index, (int, np.integer)) else f"row {index!r}"
     return f"{row}, id {image_id!r}:"
-
-
-def _positive_int(text: str) -> int | None:
-    text = text.strip()
-    return int(text) if text.isascii() and text.isdigit() and int(text) > 0 else None
 
 
 _TruthImages = dict[str, tuple[str, tuple[int, int], list[np.ndarray]]]
@@ -302,7 +294,7 @@ def _truth_images(truth_df: pd.DataFrame, name: str) -> _TruthImages:
     for index, image_id, annotation, width, height, cell_type in zip(truth_df.index, *cols):
         shape = shape_of.get((height, width))
         if shape is None:
-            shape = shape_of[height, width] = (_positive_int(height), _positive_int(width))
+            shape = shape_of[height, width] = (positive_int(height), positive_int(width))
         if None in shape:
             problems.append(f"{_where(index, image_id)} width x height {width!r} x {height!r} "
                             "is not two positive integers")
@@ -393,15 +385,7 @@ def score_label_images(truth_by_id: Mapping[str, Sequence[str] | Sequence[np.nda
 def read_csv(path: str | Path, columns: Sequence[str]) -> pd.DataFrame:
     """A CSV as str columns with "" for empty cells; :class:`ScoreError` naming the file if it
     cannot be read or lacks ``columns``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ScoreError(f"{path}: file not found")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ScoreError(f"{path}: not a readable CSV: {e}") from None
-    _require_columns(df, columns, str(path))
-    return df
+    return read_text_csv(path, columns, ScoreError)
 
 
 def score_files(truth_csv: str | Path, pred_csv: str | Path) -> Score:
