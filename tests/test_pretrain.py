@@ -101,21 +101,21 @@ def tiny_config(model: str, *extra: str) -> config.Config:
 
 # ---- the streaming json reader ----
 
-def test_stream_reader_matches_json_load_at_any_chunk_size(tmp_path):
+def test_stream_reader_matches_json_load_at_any_buffer_size(tmp_path):
     doc = {"info": {"a": [1, {"b": "x}]"}]}, "n": 12345,
            "annotations": {str(i): {"id": i, "segmentation": [[1.5, 2.25, 3e2, 4]], "area": 123456789}
                            for i in range(30)},
            "images": [{"id": i, "file_name": f"x_{i}.tif"} for i in range(3)]}
     path = tmp_path / "a.json"
     path.write_text(json.dumps(doc, indent=1))
-    for chunk in (1, 3, 7, 64, 1 << 20):  # boundaries inside numbers, strings and keys
-        got = list(iter_top_level(path, ("annotations", "images", "n"), chunk=chunk))
-        assert [v for k, v in got if k == "annotations"] == list(doc["annotations"].values()), chunk
+    for size in (1, 3, 7, 64, 1 << 20):  # buffer boundaries inside numbers, strings and keys
+        got = list(iter_top_level(path, ("annotations", "images", "n"), buf_size=size))
+        assert [v for k, v in got if k == "annotations"] == list(doc["annotations"].values()), size
         assert [v for k, v in got if k == "images"] == doc["images"]
         assert [v for k, v in got if k == "n"] == [12345]
     path.write_text(json.dumps(doc)[:-30])
-    with pytest.raises(JSONStreamError, match=r"a\.json: malformed JSON .* at character \d+"):
-        list(iter_top_level(path, ("images",), chunk=16))
+    with pytest.raises(JSONStreamError, match=r"a\.json: malformed JSON"):
+        list(iter_top_level(path, ("images",), buf_size=16))
     path.write_text("[1, 2]")
     with pytest.raises(JSONStreamError, match="expected '{'"):
         list(iter_top_level(path, ("images",)))
