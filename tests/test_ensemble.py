@@ -281,3 +281,18 @@ def test_degenerate_boxes_give_empty_crops():
     counts = np.diff(c.starts)
     assert counts[0] == 0 and counts[1] > 0 and counts[2] > 0
     assert (c.fg_prob[c.starts[1]:c.starts[2]] == 0).all()  # the sliver gets no UPerNet pixels
+
+
+def test_upernet_alone_drops_low_scores_and_renumbers_with_the_scores_aligned():
+    from neuroseg.ensemble.fusion import upernet_alone
+    from neuroseg.ensemble.params import UPerNetParams
+
+    probs = np.zeros((3, 12, 30), np.float32)
+    probs[0] = 1.0
+    for x0, interior in ((1, 0.9), (11, 0.6), (21, 0.8)):  # three 6x6 cells, mean interior known
+        probs[:, 3:9, x0:x0 + 6] = [[[0.0]], [[interior]], [[0.0]]]
+        probs[0, 3:9, x0:x0 + 6] = 1 - interior
+    label, scores = upernet_alone(probs, UPerNetParams(seed_threshold=0.5, min_area=4, score_threshold=0.7))
+    assert label.dtype == np.int32 and sorted(np.unique(label).tolist()) == [0, 1, 2]
+    np.testing.assert_allclose(scores, [0.9, 0.8], rtol=1e-6)  # the 0.6 cell went, the rest moved up
+    assert (label[3:9, 1:7] == 1).all() and (label[3:9, 11:17] == 0).all() and (label[3:9, 21:27] == 2).all()

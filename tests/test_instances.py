@@ -119,15 +119,3 @@ def test_label_to_rles_round_trip_random():
     label = rng.integers(0, 6, size=(H, W)).astype(np.int32)
     for k, text in zip(range(1, 6), label_image.label_to_rles(label)):
         np.testing.assert_array_equal(rle.decode(text, (H, W)), label == k)
-
-
-def test_relabel_closes_gaps_and_returns_the_old_numbers():
-    label = np.zeros((H, W), dtype=np.int32)
-    label[box(0, 3, 0, 3)] = 2  # 9 px
-    label[box(5, 8, 5, 8)] = 7  # 9 px
-    new, old = label_image.relabel(label, return_old=True)
-    assert new.dtype == np.int32 and sorted(np.unique(new).tolist()) == [0, 1, 2]
-    assert old.tolist() == [2, 7]
-    assert ((new == 1) == (label == 2)).all() and ((new == 2) == (label == 7)).all()
-    with pytest.raises(ValueError, match="negative"):
-        label_image.relabel(label - 1)

@@ -31,12 +31,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from skimage.segmentation import relabel_sequential
 
 from neuroseg.config import CELL_TYPES
 from neuroseg.ensemble.celltype import image_features
 from neuroseg.ensemble.params import VOTE_MODELS, VOTERS, EnsembleParams, MaskRCNNParams, TypeParams, UPerNetParams  # noqa: F401
 from neuroseg.structures.box_masks import MASK_SIZE, paste_local
-from neuroseg.structures.label_image import label_to_indices, masks_to_label, relabel
+from neuroseg.structures.label_image import label_to_indices, masks_to_label
 from neuroseg.structures.predictions import ImagePredictions, MaskFn
 
 BOX_MODELS: tuple[str, ...] = ("yolox", "maskrcnn")
@@ -309,8 +310,8 @@ def upernet_alone(probs: np.ndarray, up: UPerNetParams) -> tuple[np.ndarray, np.
     drop = np.flatnonzero(scores < up.score_threshold)
     if drop.size:
         label = np.where(np.isin(label, drop + 1), 0, label).astype(np.int32)
-        label, old = relabel(label, return_old=True)
-        scores = scores[old - 1]
+        label, _, inverse = relabel_sequential(label)
+        scores = scores[inverse.out_values[1:] - 1]  # inverse: new label k -> its old label
     return label.astype(np.int32), scores.astype(np.float32)
 
 

@@ -106,15 +106,3 @@ def label_to_rles(label: np.ndarray) -> list[str]:
     """Kaggle RLE of each instance present, in increasing label order (empty labels skipped, so
     relabel first if the result must line up with ``scores[k - 1]`` of a label image with gaps)."""
     return [rle.encode_indices(idx) for idx in label_to_indices(label)]
-
-
-def relabel(label: np.ndarray, return_old: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Renumber the labels present to 1..K keeping their order; ``int32``. With ``return_old``,
-    also the old label of each new one (``old[k - 1]``), e.g. to reindex scores: ``scores[old - 1]``."""
-    label = _check_label(label)
-    present = np.flatnonzero(np.bincount(label.ravel()))
-    old = present[present > 0]
-    lut = np.zeros(int(label.max(initial=0)) + 1, dtype=np.int32)
-    lut[old] = np.arange(1, old.size + 1, dtype=np.int32)
-    out = lut[label]
-    return (out, old.astype(np.int64)) if return_old else out
