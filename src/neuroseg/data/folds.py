@@ -3,18 +3,18 @@
 Images of one sample (time-lapse frames of the same well) look alike, so they must share a fold
 or validation leaks. Where ``sample_id`` is empty each image is its own group.
 
-sklearn's ``StratifiedGroupKFold`` is not installed (and not worth a dependency), so this is the
-same greedy idea in a few lines: visit groups largest first (equal sizes by cell type, then in a
-seeded random order) and put each in the fold that holds the fewest images of its cell types,
-then the fewest images, then a seeded random choice.
+scikit-learn's ``StratifiedGroupKFold`` (shuffled, seeded) does the assignment: groups never
+split, each fold's cell-type mix as close to the whole set's as the groups allow.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import pandas as pd
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from neuroseg.config import CELL_TYPES
 
@@ -50,23 +50,31 @@ def make_folds(df: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
         raise ValueError(f"make_folds: k={k} folds but only {n_groups} groups (distinct sample_id, "
                          f"or images where sample_id is empty): a fold would be empty")
 
+    fold = _assign(images["cell_type"].to_numpy(), group_of_image, k, seed)
+    images["fold"] = fold
     type_index = images["cell_type"].map(CELL_TYPES.index).to_numpy()
-    per_group = np.zeros((n_groups, len(CELL_TYPES)), dtype=np.int64)
-    np.add.at(per_group, (group_of_image, type_index), 1)
-
-    rng = np.random.default_rng(seed)
-    # largest groups first; among equal sizes one cell type after the other, so that each type's
-    # last (uneven) round lands on the folds smallest overall -- random within a type
-    order = np.lexsort((rng.random(n_groups), per_group.argmax(1), -per_group.sum(1)))
-    fold_rank = rng.permutation(k)  # seeded tie-break between equally good folds
     counts = np.zeros((k, len(CELL_TYPES)), dtype=np.int64)
-    fold_of_group = np.empty(n_groups, dtype=np.int64)
-    for g in order:
-        same_types = counts @ (per_group[g] > 0)
-        best = np.lexsort((fold_rank, counts.sum(1), same_types))[0]
-        fold_of_group[g] = best
-        counts[best] += per_group[g]
-    images["fold"] = fold_of_group[group_of_image]
+    np.add.at(counts, (fold, type_index), 1)
     log.info("folds (k=%d, seed=%d, %d groups): images per fold %s; per cell type %s", k, seed, n_groups,
              counts.sum(1).tolist(), {t: counts[:, i].tolist() for i, t in enumerate(CELL_TYPES)})
     return images[list(FOLD_COLUMNS)]
+
+
+def _assign(cell_types: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold of each image. scikit-learn refuses to stratify when every cell type has fewer images
+    than folds (a 3-image smoke run), and may leave a fold empty on a few uneven groups: then the
+    groups alone are balanced (``GroupKFold``, seeded shuffle), never an empty fold."""
+    fold = np.full(len(cell_types), -1, dtype=np.int64)
+    try:
+        with warnings.catch_warnings():  # "the least populated class has only N members": expected here
+            warnings.simplefilter("ignore", UserWarning)
+            splits = list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+                          .split(cell_types, cell_types, groups))
+        if any(len(val) == 0 for _, val in splits):
+            raise ValueError("an empty fold")
+    except ValueError as e:
+        log.info("folds: not stratified by cell type (%s); balancing the groups only", e)
+        splits = list(GroupKFold(n_splits=k, shuffle=True, random_state=seed).split(cell_types, groups=groups))
+    for f, (_, val) in enumerate(splits):
+        fold[val] = f
+    return fold
