@@ -13,7 +13,6 @@ from neuroseg.structures import rle
 
 H, W = 48, 64
 CSV_HEADER = "id,annotation,width,height,cell_type,plate_time,sample_date,sample_id,elapsed_timedelta"
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared/data/sartorius-mini"
 
 
 def rect(y0: int, x0: int, h: int, w: int, shape: tuple[int, int] = (H, W)) -> np.ndarray:

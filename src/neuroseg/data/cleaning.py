@@ -29,10 +29,10 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
-from tqdm import tqdm
 
 from neuroseg.config import CELL_TYPES
 from neuroseg.structures import rle
+from neuroseg.utils.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def clean_annotations(
     drop = np.zeros(len(df), dtype=bool)
 
     groups = df.groupby("id", sort=True).indices  # id -> row positions
-    for image_id, rows in tqdm(groups.items(), desc="clean labels", unit="img", leave=False):
+    for image_id, rows in Progress(groups.items(), "clean labels", total=len(groups), unit="img"):
         first = df.iloc[rows[0]]
         cell_type, shape = first["cell_type"], (int(first["height"]), int(first["width"]))
         s = stats[cell_type]

@@ -37,9 +37,11 @@ def _raise_problems(path: Path, problems: list[str]) -> None:
         raise DataError(problem_report(path, problems))
 
 
-def read_train_csv(path: str | Path, images_dir: str | Path | None = None) -> pd.DataFrame:
+def read_train_csv(path: str | Path, images_dir: str | Path | None = None, decode: bool = False) -> pd.DataFrame:
     """Read ``train.csv`` and validate it against the PNGs in ``images_dir`` (default: ``train/``
-    beside the CSV). Raises :class:`DataError` listing every problem; see the module docstring."""
+    beside the CSV). Raises :class:`DataError` listing every problem; see the module docstring.
+    With ``decode`` every image is decoded in full (01's validation), so a truncated PNG whose
+    header is intact is named here, with what failed, not hours later in training."""
     path = Path(path)
     images_dir = Path(images_dir) if images_dir is not None else path.parent / "train"
     if not path.is_file():
@@ -80,7 +82,7 @@ def read_train_csv(path: str | Path, images_dir: str | Path | None = None) -> pd
                 problems.append(f"{where} cell_type {row.cell_type!r} differs from {first[0]!r} "
                                 f"on line {first[1]}")
         if row.id not in png_sizes:
-            png_sizes[row.id] = size = _png_size(images_dir / f"{row.id}.png")
+            png_sizes[row.id] = size = _png_size(images_dir / f"{row.id}.png", decode)
             if isinstance(size, str):
                 problems.append(f"{where} {size}")  # once per id, not once per annotation
         size = png_sizes[row.id]
@@ -110,12 +112,15 @@ def read_train_csv(path: str | Path, images_dir: str | Path | None = None) -> pd
     return df
 
 
-def _png_size(path: Path) -> tuple[int, int] | str:
-    """(width, height) from the image header only, or a problem description."""
+def _png_size(path: Path, decode: bool = False) -> tuple[int, int] | str:
+    """(width, height) from the image header (with ``decode``: after decoding every pixel), or a
+    problem description."""
     if not path.is_file():
         return f"image not found: {path}"
     try:
         with Image.open(path) as im:
+            if decode:
+                im.load()  # a truncated file raises here ("image file is truncated ...")
             return im.size
     except (UnidentifiedImageError, OSError) as e:
         return f"unreadable image {path}: {e}"

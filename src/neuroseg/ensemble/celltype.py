@@ -148,13 +148,12 @@ def fit_cell_type_classifier(paths: Paths, cell_type_of: Mapping[str, str], fold
     (each from the fit on the other folds, the models' own fold split) for the tuning, and the
     fit on all of them for the test images. (None, None) when some fold's training images lack a
     cell type: the classifier could never answer it there."""
-    from tqdm import tqdm
-
     from neuroseg.data.records import load_image
+    from neuroseg.utils.progress import Progress
 
     ids = sorted(fold_of)
     features = np.stack([image_features(load_image(paths.train_image(i)))
-                         for i in tqdm(ids, desc="cell-type features", unit="img", disable=None)])
+                         for i in Progress(ids, "cell-type features", unit="img")])
     types = [cell_type_of[i] for i in ids]
     try:
         probs = out_of_fold_probs(features, types, [fold_of[i] for i in ids])

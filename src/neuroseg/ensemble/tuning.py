@@ -31,7 +31,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from scipy import sparse
-from tqdm import tqdm
 
 from neuroseg.config import CELL_TYPES, Config
 from neuroseg.ensemble import fusion as ens
@@ -39,6 +38,7 @@ from neuroseg.ensemble.params import EnsembleParams, MaskRCNNParams, TypeParams,
 from neuroseg.evaluation.metric import THRESHOLDS, iou_sparse
 from neuroseg.structures.box_masks import MASK_SIZE
 from neuroseg.structures.predictions import BoxSet, ImagePredictions, MaskFn
+from neuroseg.utils.progress import Progress
 
 log = logging.getLogger("neuroseg")
 
@@ -258,7 +258,7 @@ class _EnsembleTuner(_Tuner):
                                                                "min_area": 0, "max_overlap": 1.0,
                                                                "upernet_instances": 0.0}, 0.0)
         out = {}
-        for i in tqdm(self.ids, desc=f"ensemble {self.cell_type} boxes {box_key}", leave=False, disable=None):
+        for i in Progress(self.ids, f"ensemble {self.cell_type} boxes {box_key}", unit="img"):
             fn = self.mask_fns.get(i) if self.mask_fns is not None else None
             fn = self._reusing(i, fn) if fn is not None else None
             out[i] = ens.ensemble_candidates(self.get_pred(i), tp, self.cell_type, fn, self.prune, keep_fg=True)
@@ -407,7 +407,7 @@ def tune_ensemble(oof_by_model: Mapping[str, Mapping[str, Mapping[str, np.ndarra
                                     None if image_type_probs is None else image_type_probs[i])
 
     params = EnsembleParams.defaults()
-    votes = {i: ens.type_votes(get_pred(i)) for i in tqdm(ids, desc="cell-type votes", disable=None)}
+    votes = {i: ens.type_votes(get_pred(i)) for i in Progress(ids, "cell-type votes", unit="img")}
     params.vote_weights, acc = tune_vote_weights(votes, truth, params.vote_weights)
     voters = [*models, *(["image"] if image_type_probs is not None else [])]
     params.vote_weights = {m: (w if m in voters else 0.0) for m, w in params.vote_weights.items()}

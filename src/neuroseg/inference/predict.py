@@ -55,11 +55,10 @@ def segment(images: Sequence[Path], folds: FoldEnsemble, params: fusion.Ensemble
             only: str | None = None, batch_size: int = 1, progress: bool = True
             ) -> Iterator[tuple[Path, np.ndarray, fusion.FusedResult]]:
     """Yield ``(path, image uint8, fused result)`` per image, in order; memory holds one batch."""
-    from tqdm import tqdm
+    from neuroseg.utils.progress import Progress
 
     stream = zip(images, iter_predictions(folds, images, batch_size))
-    for path, (image, pred) in tqdm(stream, total=len(images), desc="predict", unit="img",
-                                    disable=not progress, mininterval=5):
+    for path, (image, pred) in Progress(stream, "predict", total=len(images), unit="img", enabled=progress):
         # the mask heads run lazily, only on the boxes the ensemble keeps
         mask_fn = folds.mask_fn(image) if "maskrcnn" in folds.models else None
         if only is None:

@@ -109,7 +109,7 @@ import torch
 
 import neuroseg
 
-for name in ("neuroseg", "yolox", "segmentation-models-pytorch", "ensemble-boxes", "torch", "numpy"):
+for name in ("neuroseg", "yolox", "segmentation-models-pytorch", "torch", "numpy"):
     print(f"{name:<28} {importlib.metadata.version(name)}")
 print("neuroseg imported from", Path(neuroseg.__file__).parent)
 print("CUDA available:", torch.cuda.is_available())

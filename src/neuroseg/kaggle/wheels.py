@@ -49,7 +49,7 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
     "opencv-python", "opencv-python-headless", "opencv-contrib-python",
 )
 # In requirements.txt for building and testing, never needed by the notebook
-BUILD_ONLY: tuple[str, ...] = ("pytest", "nbformat", "nbclient", "ipykernel", "packaging")
+BUILD_ONLY: tuple[str, ...] = ("pytest", "ensemble-boxes", "nbformat", "nbclient", "ipykernel", "packaging")
 NO_DEPS_NOTE = "installed with --no-deps: the project declares none, yolox's own pins cannot install"
 TAIL_CHARS = 4000
 

@@ -24,7 +24,6 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
-from tqdm import tqdm
 
 from neuroseg import config as config_mod
 from neuroseg.config import CELL_TYPES, Config
@@ -37,6 +36,7 @@ from neuroseg.paths import Paths
 from neuroseg.structures import rle
 from neuroseg.utils.atomic_io import atomic_path, atomic_write_json, atomic_write_text, read_json
 from neuroseg.utils.hashing import file_sha256
+from neuroseg.utils.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def write_coco_folds(records: list[ImageRecord], folds: pd.DataFrame, paths: Pat
     by_id = {r.image_id: r for r in records}
     # each image's masks are converted once, then shared by the k train/val files
     annotations = {r.image_id: coco_export.record_annotations(r)
-                   for r in tqdm(records, desc="coco annotations", unit="img", leave=False)}
+                   for r in Progress(records, "coco annotations", unit="img")}
     for fold in range(n_folds):
         in_val = folds["fold"].to_numpy() == fold
         for split, ids in (("train", folds["id"][~in_val]), ("val", folds["id"][in_val])):
@@ -119,7 +119,7 @@ def write_coco_folds(records: list[ImageRecord], folds: pd.DataFrame, paths: Pat
 def write_semantic_targets(records: list[ImageRecord], paths: Paths, border_width: int,
                            border_mode: str = "outline") -> None:
     paths.semantic_dir.mkdir(parents=True, exist_ok=True)
-    for r in tqdm(records, desc="semantic targets", unit="img", leave=False):
+    for r in Progress(records, "semantic targets", unit="img"):
         target = semantic_target_from_rles(r.annotations, r.shape, border_width, border_mode)
         path = paths.semantic_target(r.image_id)
         with atomic_path(path) as tmp:
@@ -197,7 +197,7 @@ def run_preprocess(cfg: Config, paths: Paths, force: bool = False) -> dict:
             log.info("preprocess: up to date (%s), nothing to do; --force redoes it", paths.preprocess_manifest)
             return {**manifest["summary"], "skipped": True}
 
-    raw_df = read_train_csv(paths.train_csv, paths.train_images)
+    raw_df = read_train_csv(paths.train_csv, paths.train_images, decode=True)  # every image decoded once
     # no manifest while outputs are being rewritten: an interrupted run is never taken as done
     paths.preprocess_manifest.unlink(missing_ok=True)
     pp = cfg.preprocess

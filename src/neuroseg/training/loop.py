@@ -25,12 +25,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torch.utils.data.distributed import DistributedSampler
-from tqdm import tqdm
 
 from neuroseg.config import TrainConfig
 from neuroseg.training import checkpoint, history
 from neuroseg.utils import distributed
 from neuroseg.utils.distributed import DistInfo
+from neuroseg.utils.progress import Progress
 
 log = logging.getLogger("neuroseg")
 
@@ -134,7 +134,7 @@ def train_one_epoch(model, loader, opt, sched, scaler, ema, device, tc: TrainCon
     sums: dict[str, float] = {}
     steps = skipped = 0
     clip = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-    bar = tqdm(loader, total=max_steps, desc=desc, disable=not show, dynamic_ncols=True, leave=False)
+    bar = Progress(loader, desc, total=max_steps, unit="step", enabled=show)
     for batch in bar:
         if steps >= max_steps:
             break

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
-from tqdm import tqdm
 
 from neuroseg.data.coco.stream import iter_top_level
 from neuroseg.utils.atomic_io import atomic_path
+from neuroseg.utils.progress import Progress
 
 log = logging.getLogger("neuroseg")
 
@@ -130,7 +130,7 @@ def build_index(json_path: str | Path, images_dir: str | Path, db_path: str | Pa
             con.executescript(_SCHEMA)
             batch: list[tuple] = []
             stream = iter_top_level(json_path, ("images", "annotations", "categories"))
-            for key, el in tqdm(stream, desc=f"index {json_path.name}", unit=" entries", mininterval=10):
+            for key, el in Progress(stream, f"index {json_path.name}", unit="entries"):
                 if not isinstance(el, dict):
                     problems.add(f"{key}: an entry is {type(el).__name__}, not an object")
                 elif key == "annotations":

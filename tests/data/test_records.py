@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_kaggle import REAL_DATA, H, W, images, write_dataset
+from tiny_kaggle import H, W, images, write_dataset
 
 from neuroseg.data import records
 from neuroseg.structures import rle
@@ -97,8 +97,8 @@ def test_missing_file_or_images_dir_and_blank_line(kaggle_dir, tmp_path):
     assert "1 problem(s):\n  line 3: blank line" in str(e.value)
 
 
-def test_real_train_csv_validates():
-    df = records.read_train_csv(REAL_DATA / "train.csv")
+def test_real_train_csv_validates(real_data):
+    df = records.read_train_csv(real_data / "train.csv")
     assert len(df) == 10656 and df["id"].nunique() == 100
     per_type = df.groupby("id")["cell_type"].first().value_counts().to_dict()
     assert per_type == {"cort": 53, "shsy5y": 24, "astro": 23}

@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from pycocotools import mask as mask_utils
-from tiny_kaggle import REAL_DATA
 
 from neuroseg.structures import rle
 
@@ -85,14 +84,14 @@ def test_encode_rejects_non_2d():
         rle.encode(np.zeros((2, 2, 2), bool))
 
 
-def test_every_real_mask_round_trips():
+def test_every_real_mask_round_trips(real_data):
     """All 10,656 masks: string -> mask -> string, and string -> pycocotools RLE -> string.
 
     to_coco goes through decode_indices, from_coco decodes with pycocotools; since the Kaggle
     string of a mask is unique, getting the string back means the pycocotools mask equals
     ``decode``'s pixel for pixel (checked literally on a sample below, as each full-frame
     comparison costs time)."""
-    df = pd.read_csv(REAL_DATA / "train.csv", usecols=["annotation", "width", "height"])
+    df = pd.read_csv(real_data / "train.csv", usecols=["annotation", "width", "height"])
     assert len(df) == 10656
     failures = []
     for i, (text, w, h) in enumerate(df.itertuples(index=False)):
@@ -102,10 +101,10 @@ def test_every_real_mask_round_trips():
     assert not failures, f"{len(failures)} masks do not round trip; CSV lines {failures[:10]}"
 
 
-def test_coco_helpers_on_every_20th_real_mask():
+def test_coco_helpers_on_every_20th_real_mask(real_data):
     """coco_to_mask pixel for pixel, and our column-major conversion against pycocotools' own
     encoder, on a sample (each costs a full-frame transposed copy per mask)."""
-    df = pd.read_csv(REAL_DATA / "train.csv", usecols=["annotation", "width", "height"]).iloc[::20]
+    df = pd.read_csv(real_data / "train.csv", usecols=["annotation", "width", "height"]).iloc[::20]
     for text, w, h in df.itertuples(index=False):
         coco = rle.to_coco(text, (h, w))
         mask = rle.decode(text, (h, w))

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 from pycocotools.coco import COCO
-from tiny_kaggle import REAL_DATA, images, write_dataset
+from tiny_kaggle import images, write_dataset
 
 from neuroseg.config import CELL_TYPES
 from neuroseg.data.coco_export import records_to_coco
@@ -61,10 +61,10 @@ def test_unknown_image_id_raises(records):
         records_to_coco(records, ["a1", "nope"])
 
 
-def test_real_image_through_coco(tmp_path):
+def test_real_image_through_coco(tmp_path, real_data):
     import pandas as pd
 
-    df = pd.read_csv(REAL_DATA / "train.csv", dtype={"id": str})
+    df = pd.read_csv(real_data / "train.csv", dtype={"id": str})
     small = df.groupby("id").size().idxmin()  # the image with the fewest cells, to keep it quick
     record = group_records(df[df["id"] == small])[0]
     coco = _load(records_to_coco([record], [small]), tmp_path)

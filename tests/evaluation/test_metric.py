@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,7 +9,6 @@ import pytest
 from neuroseg.evaluation import metric
 from neuroseg.structures import rle
 
-REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sartorius-mini"
 H, W = 20, 30
 
 
@@ -190,8 +187,8 @@ def test_score_label_images_matches_the_csv_path():
         metric.score_label_images(truth, {"i9": label_of(a)})
 
 
-def test_real_labels_scored_against_themselves_through_the_csv_path():
-    csv = REAL_DATA / "train.csv"
+def test_real_labels_scored_against_themselves_through_the_csv_path(real_data):
+    csv = real_data / "train.csv"
     s = metric.score_files(csv, csv)  # truth overlaps and repeats masks: both sides need the matching
     assert s.n_images == 100
     assert s.score == 1.0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from tiny_kaggle import REAL_DATA
 
 from neuroseg.config import CELL_TYPES
 from neuroseg.data.folds import make_folds
@@ -77,8 +76,8 @@ def test_errors():
         make_folds(pd.DataFrame({"id": ["a", "b"]}), k=2, seed=0)
 
 
-def test_real_data_five_folds():
-    df = pd.read_csv(REAL_DATA / "train.csv", usecols=["id", "cell_type", "sample_id"])
+def test_real_data_five_folds(real_data):
+    df = pd.read_csv(real_data / "train.csv", usecols=["id", "cell_type", "sample_id"])
     folds = make_folds(df, k=5, seed=42)
     assert len(folds) == 100
     per_type = pd.crosstab(folds["cell_type"], folds["fold"])

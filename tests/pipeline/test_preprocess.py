@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 from pycocotools.coco import COCO
-from tiny_kaggle import REAL_DATA, H, W, rect, write_dataset
+from tiny_kaggle import H, W, rect, write_dataset
 
 from neuroseg import config
 from neuroseg.data.records import DataError, read_train_csv
@@ -22,7 +22,7 @@ from neuroseg.data.semantic_targets import semantic_target_from_rles
 from neuroseg.paths import Paths
 from neuroseg.pipeline.preprocess import run_preprocess
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cfg(*overrides: str) -> config.Config:
@@ -117,6 +117,19 @@ def test_bad_train_csv_names_file_line_and_id(paths):
     assert not paths.preprocess_manifest.exists()
 
 
+def test_a_truncated_png_with_an_intact_header_stops_01_naming_file_and_failure(paths, capsys):
+    png = paths.train_images / "b1.png"
+    data = png.read_bytes()
+    png.write_bytes(data[: len(data) // 2])  # header and size intact, pixel data cut
+    assert read_train_csv(paths.train_csv).shape[0] > 0  # the header-only check cannot see it
+    with pytest.raises(DataError) as e:
+        run_preprocess(cfg(), paths)
+    msg = str(e.value)
+    assert f"id 'b1': unreadable image {png}: image file is truncated" in msg
+    assert msg.count("unreadable image") == 1  # one problem for the image, not one per annotation
+    assert not paths.preprocess_manifest.exists()
+
+
 def test_script_main(paths, caplog, capsys):
     spec = importlib.util.spec_from_file_location("preprocess_script", ROOT / "01_preprocess.py")
     script = importlib.util.module_from_spec(spec)
@@ -131,9 +144,9 @@ def test_script_main(paths, caplog, capsys):
     assert "id 'a2': image not found" in capsys.readouterr().err
 
 
-def test_real_data(tmp_path):
+def test_real_data(tmp_path, real_data):
     """The whole step on sartorius-mini (about 10 s on 2 shared cores)."""
-    paths = Paths(REAL_DATA, tmp_path / "out")
+    paths = Paths(real_data, tmp_path / "out")
     summary = run_preprocess(config.load(), paths)
     assert (summary["images"], summary["instances_raw"], summary["instances_clean"]) == (100, 10656, 10646)
     assert summary["cleaning"]["shsy5y"]["duplicates_dropped"] == 10

@@ -43,7 +43,7 @@ WORKER = textwrap.dedent("""
 def test_two_process_gloo_run_trains_one_epoch_and_writes_once(tmp_path):
     paths = T.make_dataset(tmp_path, n_images=8)
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(tests=str(Path(__file__).parent)))
+    script.write_text(WORKER.format(tests=str(Path(__file__).parents[1])))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -4,7 +4,7 @@ The end-to-end test builds a bundle from tiny untrained fold checkpoints (saved 
 engine saves ``best.pt``), then executes ``infer.ipynb`` with nbclient against a Kaggle-like root
 (``NEUROSEG_KAGGLE_ROOT``) whose ``input/`` holds a synthetic competition folder and the two
 bundle folders. Its kernel is a throwaway venv that sees this venv's packages except the project,
-yolox, segmentation-models-pytorch, ensemble-boxes and yolox's small run-time needs
+yolox, segmentation-models-pytorch and yolox's small run-time needs
 (``neuroseg.kaggle_rehearsal``), so pip must install those from the bundled wheels with
 ``--no-index``; the bundle is built with ``--skip-installed-in`` that kernel, which keeps the
 download to those few wheels (the real bundle, ~22 MB, is measured in BENCHMARKS.md).
@@ -26,7 +26,7 @@ from neuroseg.kaggle import rehearsal as kaggle_rehearsal
 from neuroseg.kaggle import wheels as kaggle_wheels
 from neuroseg.kaggle.wheels import BundleError, canonical
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 USER = "test-user"
 TINY = ["device=cpu", "folds.n_folds=2", "folds.train_folds=[0]", "data.train_scale=1.0",
         "yolox.size=nano", "yolox.input_size=64", "maskrcnn.backbone=resnet18", "maskrcnn.v2_head=false",
@@ -34,7 +34,7 @@ TINY = ["device=cpu", "folds.n_folds=2", "folds.train_folds=[0]", "data.train_sc
         "maskrcnn.detections_per_image=5", "upernet.encoder=resnet18", "upernet.decoder_channels=16",
         "submission.tta_flips=true", "submission.batch_size=1"]
 # what the kernel's "Kaggle image" lacks, so the bundle must bring it
-WITHHELD = ("neuroseg", "yolox", "segmentation-models-pytorch", "ensemble-boxes", "loguru", "thop", "tabulate")
+WITHHELD = ("neuroseg", "yolox", "segmentation-models-pytorch", "loguru", "thop", "tabulate")
 
 
 def set_args(overrides: list[str]) -> list[str]:
