@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from neuroseg import cli
@@ -72,12 +73,21 @@ def test_validate_exit_codes(tmp_path, capsys):
     assert "test dir not found" in capsys.readouterr().err
 
 
-def test_module_entry_point(tmp_path):
+def test_module_entry_point_prints_the_hand_computed_scores(tmp_path):
     truth = write(tmp_path, "truth.csv", TRUTH)
-    run = subprocess.run([sys.executable, "-m", "neuroseg", "score", str(truth), str(truth), "--json"],
+    # 4 x 3 images. i1: truth {0,1,2} and {8,9}; "1 3" is the first exactly, "10 1" = {9} has
+    # IoU 1/2 with the second, never > 0.5: TP 1, FP 1, FN 1 at every threshold -> 1/3.
+    # i2: truth {4..7}; "5 3" = {4,5,6} has IoU 3/4: a match at t = 0.5 .. 0.7 (5 thresholds),
+    # not at 0.75 (strictly greater) .. 0.95 -> (5 x 1 + 5 x 0) / 10 = 1/2.
+    pred = write(tmp_path, "pred.csv", "id,predicted\ni1,1 3\ni1,10 1\ni2,5 3\n")
+    run = subprocess.run([sys.executable, "-m", "neuroseg", "score", str(truth), str(pred), "--json"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
-    assert set(json.loads(run.stdout)) == {"score", "per_cell_type", "n_images"}
+    out = json.loads(run.stdout)
+    assert set(out) == {"score", "per_cell_type", "n_images"} and out["n_images"] == 2
+    assert out["score"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+    assert out["per_cell_type"] == pytest.approx({"astro": 1 / 3, "cort": 1 / 2})
+    assert list(out["per_cell_type"]) == ["astro", "cort"]
 
 
 def test_training_script_without_preprocess_says_what_to_run(tmp_path, capsys):

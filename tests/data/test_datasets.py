@@ -183,9 +183,23 @@ def test_collate_pads_mixed_orientations(tiny_records_dir, tiny_records):
     assert torch.equal(targets[1]["masks"][:, :, :128], b[1]["masks"])
 
 
-def test_inference_dataset(tiny_records_dir):
+def test_inference_dataset(tiny_records_dir, tiny_images):
     paths = sorted((tiny_records_dir / "train").glob("*.png"))
-    ds = InferenceDataset(paths, scale=0.5)
-    image, image_id, original = ds[0]
-    assert image.shape == (3, 64, 80) and image.dtype == torch.float32
-    assert image_id == paths[0].stem and original == (128, 160)
+    assert [p.stem for p in paths] == sorted(tiny_images)
+    full, half = InferenceDataset(paths), InferenceDataset(paths, scale=0.5)
+    assert len(full) == len(half) == 3
+    for i, path in enumerate(paths):
+        raw = tiny_images[path.stem][1]  # the uint8 (128, 160) gray written to the PNG
+        image, image_id, original = full[i]
+        assert image_id == path.stem and original == (128, 160)
+        assert image.dtype == torch.float32 and image.shape == (3, 128, 160)
+        expect = torch.from_numpy(raw).float() / 255  # the gray in [0, 1], in all three channels
+        for channel in image:
+            assert torch.equal(channel, expect)
+        image, image_id, original = half[i]
+        assert image_id == path.stem and original == (128, 160)  # the original size, not the input's
+        assert image.dtype == torch.float32 and image.shape == (3, 64, 80)
+        # halved by area averaging: each pixel the mean of its 2 x 2 block, to half a grey level
+        block_mean = torch.from_numpy(raw.reshape(64, 2, 80, 2).mean(axis=(1, 3))).float()
+        assert torch.equal(image[0], image[1]) and torch.equal(image[0], image[2])
+        assert (image[0] * 255 - block_mean).abs().max() <= 0.5 + 1e-3

@@ -13,7 +13,7 @@ from PIL import Image
 
 from neuroseg import cli
 from neuroseg.config import CELL_TYPES
-from neuroseg.data.synthetic import synth_image, write_dataset
+from neuroseg.data.synthetic import FULL_H, FULL_W, MIN_AREA, STYLES, _image_rng, synth_image, write_dataset
 from neuroseg.structures import rle
 
 H, W = 128, 160  # small and non-square, like the real 520 x 704
@@ -112,16 +112,56 @@ def test_same_seed_is_byte_identical_and_another_seed_differs(tmp_path: Path, da
     assert not set(first) & set(other) - {"train.csv", "sample_submission.csv"}  # new ids
 
 
-def test_synth_image_contract_and_sizes():
+def _max_count(cell_type: str, height: int, width: int) -> int:
+    """The most cells an image may hold: the type's full-size maximum scaled by the area, >= 1."""
+    return max(1, round(STYLES[cell_type].count[1] * height * width / (FULL_H * FULL_W)))
+
+
+def _hidden_fractions(masks: list[np.ndarray]) -> list[float]:
+    """Per mask, the fraction of its pixels already covered by the masks before it."""
+    covered, out = np.zeros_like(masks[0]), []
+    for m in masks:
+        out.append(float((m & covered).sum() / m.sum()))
+        covered |= m
+    return out
+
+
+@pytest.mark.parametrize("cell_type", CELL_TYPES)
+def test_synth_image_contract_and_sizes(cell_type):
     for height, width in [(64, 48), (H, W)]:
-        image, masks = synth_image("cort", np.random.default_rng(0), height, width)
+        image, masks = synth_image(cell_type, np.random.default_rng(0), height, width)
         assert image.dtype == np.uint8 and image.shape == (height, width)
-        assert masks and all(m.dtype == bool and m.shape == (height, width) and m.any() for m in masks)
-    a = synth_image("shsy5y", np.random.default_rng(5), H, W)
-    b = synth_image("shsy5y", np.random.default_rng(5), H, W)
+        assert 1 <= len(masks) <= _max_count(cell_type, height, width)
+        assert all(m.dtype == bool and m.shape == (height, width) for m in masks)
+        assert min(int(m.sum()) for m in masks) >= MIN_AREA
+        # a cell hides at most max_overlap of itself behind the earlier ones
+        assert max(_hidden_fractions(masks)) <= STYLES[cell_type].max_overlap
+    a = synth_image(cell_type, np.random.default_rng(5), H, W)
+    b = synth_image(cell_type, np.random.default_rng(5), H, W)
+    c = synth_image(cell_type, np.random.default_rng(6), H, W)
     assert np.array_equal(a[0], b[0]) and len(a[1]) == len(b[1])
+    assert all(np.array_equal(ma, mb) for ma, mb in zip(a[1], b[1], strict=True))
+    assert not np.array_equal(a[0], c[0])
     with pytest.raises(ValueError, match="valid"):
         synth_image("neuron", np.random.default_rng(0), H, W)
+
+
+def test_train_csv_rles_decode_to_the_masks_of_synth_image(dataset: Path, train: pd.DataFrame):
+    """Train image i of seed 7 is synth_image on the stream of (seed 7, train split, i): its PNG
+    is that image and its rows, in order, decode to those masks."""
+    pngs = {p.stem: cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in (dataset / "train").glob("*.png")}
+    matched = {}
+    for i in range(8):
+        for cell_type in CELL_TYPES:
+            image, masks = synth_image(cell_type, _image_rng(7, 1, i), H, W)
+            for image_id in [k for k, png in pngs.items() if np.array_equal(png, image)]:
+                matched[image_id] = (cell_type, masks)
+    assert sorted(matched) == sorted(pngs)
+    for image_id, (cell_type, masks) in matched.items():
+        rows = train[train.id == image_id]
+        assert set(rows.cell_type) == {cell_type} and len(rows) == len(masks)
+        for annotation, mask in zip(rows.annotation, masks, strict=True):
+            assert np.array_equal(rle.decode(annotation, (H, W)), mask)
 
 
 def _elongation(mask: np.ndarray) -> float:

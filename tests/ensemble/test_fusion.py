@@ -182,6 +182,58 @@ def test_single_models():
     assert len(single_model(pred, "upernet", params).scores) == 0
 
 
+@pytest.mark.parametrize("cell_type, kept", [
+    ("astro", [(1, (30, 51), 0.6)]),  # min_area 100: the 25-px cell goes
+    ("cort", [(1, (4, 9), 0.9)]),  # score threshold 0.7: the 0.6 cell goes
+    ("shsy5y", [(1, (4, 9), 0.9), (2, (30, 51), 0.6)]),  # the defaults keep both
+])
+def test_single_maskrcnn_takes_the_parameters_of_its_voted_cell_type(cell_type, kept):
+    # one Mask R-CNN pass, all-ones masks: a box x0..x1 paints pixels ceil(x0)..floor(x1) (box_masks:
+    # pixel i at coordinate i), so [4, 4, 8, 8] is 5 x 5 = 25 px and [30, 30, 50, 50] 21 x 21 = 441 px.
+    # Only the labels (the cell-type vote) differ between the parametrisations.
+    from neuroseg.ensemble.params import MaskRCNNParams
+
+    m = boxset([[4, 4, 8, 8], [30, 30, 50, 50]], [0.9, 0.6], CELL_TYPES.index(cell_type) + 1)
+    pred = ImagePredictions("a", H, W, maskrcnn=[m], maskrcnn_mask_probs=[np.ones((2, 28, 28), np.float32)])
+    params = EnsembleParams.defaults()
+    params.maskrcnn["astro"] = MaskRCNNParams(min_area=100)
+    params.maskrcnn["cort"] = MaskRCNNParams(min_area=10, score_threshold=0.7)
+    out = single_model(pred, "maskrcnn", params)
+    assert out.cell_type == cell_type
+    expected = np.zeros((H, W), np.int32)
+    for k, (lo, hi), _ in kept:
+        expected[lo:hi, lo:hi] = k
+    assert out.label.dtype == np.int32
+    np.testing.assert_array_equal(out.label, expected)
+    np.testing.assert_allclose(out.scores, [score for _, _, score in kept], rtol=1e-6)
+    # the ensemble's own per-type parameters do not apply to the model alone
+    params.ensemble = {t: dataclasses.replace(tp, min_area=1000) for t, tp in params.ensemble.items()}
+    np.testing.assert_array_equal(single_model(pred, "maskrcnn", params).label, expected)
+
+
+def test_single_upernet_takes_the_parameters_of_its_voted_cell_type():
+    from neuroseg.ensemble.params import UPerNetParams
+
+    # two 6 x 6 cells of interior probability 0.9 and 0.6 (as in the upernet_alone test below)
+    probs = np.zeros((3, 12, 20), np.float32)
+    probs[0] = 1.0
+    for x0, interior in ((1, 0.9), (11, 0.6)):
+        probs[:, 3:9, x0:x0 + 6] = [[[1 - interior]], [[interior]], [[0.0]]]
+    params = EnsembleParams.defaults()
+    params.upernet["astro"] = UPerNetParams(seed_threshold=0.5, min_area=4, score_threshold=0.7)
+    params.upernet["cort"] = UPerNetParams(seed_threshold=0.5, min_area=4, score_threshold=0.0)
+    square = np.zeros((12, 20), bool)
+    square[3:9, 1:7] = True
+    expected = {"astro": (square.astype(np.int32), [0.9]),  # the 0.6 cell is below astro's 0.7
+                "cort": (square + 2 * np.roll(square, 10, axis=1).astype(np.int32), [0.9, 0.6])}  # cort keeps both
+    for cell_type, (label, scores) in expected.items():
+        pred = ImagePredictions("u", 12, 20, upernet_probs=probs, upernet_cell_type_probs=type_probs(cell_type))
+        out = single_model(pred, "upernet", params)
+        assert out.cell_type == cell_type
+        np.testing.assert_array_equal(out.label, label)
+        np.testing.assert_allclose(out.scores, scores, rtol=1e-6)
+
+
 def test_params_json_round_trip_and_errors():
     p = EnsembleParams.defaults()
     p.ensemble["astro"] = TypeParams(yolox_weight=0.5, wbf_iou=0.6, min_area=40)

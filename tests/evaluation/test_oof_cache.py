@@ -43,15 +43,66 @@ def test_write_then_load_casts_to_the_documented_dtypes(paths):
     assert [i for i, _ in oof_cache.iter_oof(paths, "maskrcnn", 1)] == ["a", "b"]
 
 
-def test_empty_detections_and_upernet_shapes(paths):
+def test_empty_detections_and_upernet_values_read_back_as_written(paths):
     empty = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, int)}
     oof_cache.write_oof(paths, "yolox", 0, [("x", empty)], "c", "s")
-    assert load_oof(paths, "yolox", 0)["x"]["boxes"].shape == (0, 4)
+    got = load_oof(paths, "yolox", 0)
+    assert list(got) == ["x"] and sorted(got["x"]) == ["boxes", "labels", "scores"]
+    for key, dtype, shape in (("boxes", np.float32, (0, 4)), ("scores", np.float32, (0,)), ("labels", np.int64, (0,))):
+        assert got["x"][key].dtype == dtype and got["x"][key].shape == shape, key
+    # UPerNet: 1/3 everywhere but one pixel per channel; probabilities float16, the vote float32
     probs = np.full((3, 4, 5), 1 / 3)
+    probs[:, 2, 3] = [0.0, 0.25, 0.75]
     oof_cache.write_oof(paths, "upernet", 0, [("x", {"probs": probs, "cell_type_probs": [0.2, 0.3, 0.5]})], "c", "s")
-    got = load_oof(paths, "upernet", 0)["x"]
-    assert got["probs"].dtype == np.float16 and got["probs"].shape == (3, 4, 5)
-    assert got["cell_type_probs"].dtype == np.float32
+    got = load_oof(paths, "upernet", 0)
+    assert list(got) == ["x"] and sorted(got["x"]) == ["cell_type_probs", "probs"]
+    assert got["x"]["probs"].dtype == np.float16 and got["x"]["cell_type_probs"].dtype == np.float32
+    expected = np.full((3, 4, 5), np.float16(1 / 3), np.float16)  # 0.33325: float16's nearest to 1/3
+    expected[:, 2, 3] = [0.0, 0.25, 0.75]  # exact in float16
+    np.testing.assert_array_equal(got["x"]["probs"], expected)
+    assert got["x"]["probs"][0, 0, 0] == np.float16(0.33325)
+    np.testing.assert_array_equal(got["x"]["cell_type_probs"], np.array([0.2, 0.3, 0.5], np.float32))
+
+
+def test_detections_read_back_with_the_values_written(paths):
+    pred = {"boxes": np.array([[1.5, 2.0, 10.25, 12.0], [0.0, 0.0, 3.0, 4.0]]), "scores": np.array([0.75, 0.5]),
+            "labels": np.array([3, 1], np.int32), "mask_probs": np.zeros((2, 28, 28))}
+    pred["mask_probs"][0, 3, 4] = 0.5
+    pred["mask_probs"][1] = 1.0
+    oof_cache.write_oof(paths, "maskrcnn", 0, [("m", pred)], "c", "s")
+    got = load_oof(paths, "maskrcnn", 0)["m"]
+    assert sorted(got) == ["boxes", "labels", "mask_probs", "scores"]
+    np.testing.assert_array_equal(got["boxes"], np.array([[1.5, 2.0, 10.25, 12.0], [0, 0, 3, 4]], np.float32))
+    np.testing.assert_array_equal(got["scores"], np.array([0.75, 0.5], np.float32))
+    np.testing.assert_array_equal(got["labels"], np.array([3, 1], np.int64))
+    assert got["labels"].dtype == np.int64 and got["boxes"].dtype == got["scores"].dtype == np.float32
+    assert got["mask_probs"].dtype == np.float16 and got["mask_probs"].shape == (2, 28, 28)
+    assert got["mask_probs"][0, 3, 4] == 0.5 and np.count_nonzero(got["mask_probs"][0]) == 1
+    assert (got["mask_probs"][1] == 1).all()
+
+
+def test_an_image_given_twice_is_refused_naming_it_and_the_old_cache_stays(paths):
+    oof_cache.write_oof(paths, "yolox", 0, [("old", det(1))], "v1", "s")
+    with pytest.raises(oof_cache.OOFError, match=r"^yolox fold 0: image img3 predicted twice$"):
+        oof_cache.write_oof(paths, "yolox", 0, [("img3", det(1)), ("img4", det(2)), ("img3", det(2))], "v2", "s")
+    assert oof_cache.is_fresh(paths, "yolox", 0, "v1", "s") and not oof_cache.is_fresh(paths, "yolox", 0, "v2", "s")
+    assert list(load_oof(paths, "yolox", 0)) == ["old"]
+    assert not [p for p in paths.oof_dir("yolox", 0).parent.iterdir() if p.name.startswith(".")]  # no temp dir
+
+
+def test_an_empty_write_is_refused_not_cached_as_fresh(paths):
+    # an empty fold cache would read as fresh to 05 and hold nothing: no cache instead
+    with pytest.raises(oof_cache.OOFError, match=r"^upernet fold 2: no predictions to cache$"):
+        oof_cache.write_oof(paths, "upernet", 2, [], "c", "s")
+    assert not paths.oof_dir("upernet", 2).exists()
+    assert not list(paths.oof_dir("upernet", 2).parent.iterdir())  # nor a temp dir left
+    assert not oof_cache.is_fresh(paths, "upernet", 2, "c", "s")
+    # ... and an empty rewrite keeps the cache that was there
+    oof_cache.write_oof(paths, "upernet", 2, [("u", {"probs": np.zeros((3, 2, 2)), "cell_type_probs": [1, 0, 0]})],
+                        "c", "s")
+    with pytest.raises(oof_cache.OOFError, match="no predictions"):
+        oof_cache.write_oof(paths, "upernet", 2, iter(()), "c2", "s")
+    assert oof_cache.is_fresh(paths, "upernet", 2, "c", "s") and list(load_oof(paths, "upernet", 2)) == ["u"]
 
 
 @pytest.mark.parametrize("model, pred, match", [

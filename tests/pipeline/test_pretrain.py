@@ -13,6 +13,7 @@ import json
 import logging
 
 import cv2
+import engine_toys as T
 import numpy as np
 import pytest
 import tifffile
@@ -267,3 +268,128 @@ def test_pretrain_cli(data, tmp_path, capsys):
     assert (tmp_path / "pretrain" / "upernet" / "best.pt").is_file()
     assert main(["pretrain", "upernet", *common, *sets, "--set", "pretrain.train_json=nowhere.json"]) == 2
     assert "COCO json not found: nowhere.json" in capsys.readouterr().err
+
+
+# ---- skip, resume, start afresh ----
+
+class CocoToy(T.ToySegmenter):
+    """The engine toy without its image-number metric (COCO image ids are file names)."""
+
+    def score_predictions(self, preds, targets):
+        return [{"score": float((p["probs"].argmax(0) == t["semantic"]).float().mean())}
+                for p, t in zip(preds, targets)]
+
+
+def toy_pretrain_config(*extra: str) -> config.Config:
+    return config.load(None, ["device=cpu", "data.train_scale=0.5", "upernet.train.batch_size=2",
+                              "upernet.train.num_workers=0", "upernet.train.max_train_steps_per_epoch=1",
+                              "pretrain.epochs=2", "pretrain.max_val_images=1", *extra])
+
+
+@pytest.fixture()
+def own_output(data, tmp_path) -> Paths:
+    """The module's LIVECell copy, with an output dir of this test's own."""
+    paths, _ = data
+    return Paths(paths.data_dir, tmp_path / "out")
+
+
+@pytest.fixture()
+def epochs_run(monkeypatch) -> list[int]:
+    """The epochs each ``loop.fit`` of the pretraining runs (it takes no ``on_epoch_end`` itself)."""
+    seen: list[int] = []
+    real_fit = loop.fit
+
+    def fit(*args, **kw):
+        return real_fit(*args, **kw, on_epoch_end=lambda e, row: seen.append(e))
+
+    monkeypatch.setattr(loop, "fit", fit)
+    return seen
+
+
+def pretrain_toy(cfg, paths, **kw):
+    from neuroseg.pipeline.pretrain import pretrain_model
+
+    return pretrain_model(cfg, paths, "upernet", model_factory=CocoToy, **kw)
+
+
+def test_pretrain_of_the_same_config_is_skipped(own_output, epochs_run):
+    cfg = toy_pretrain_config()
+    first = pretrain_toy(cfg, own_output)
+    best = own_output.pretrain_best("upernet")
+    stamp, content = best.stat().st_mtime_ns, best.read_bytes()
+    assert first["skipped"] is False and epochs_run == [1, 2]
+    again = pretrain_toy(cfg, own_output)
+    assert again["skipped"] is True and epochs_run == [1, 2]
+    assert again["config_hash"] == first["config_hash"]
+    assert again["best_epoch"] == first["best_epoch"] and again["best_metric"] == first["best_metric"]
+    assert best.stat().st_mtime_ns == stamp and best.read_bytes() == content
+    # fold-only settings (the fold epochs, workers) are not what the pretrained weights depend on
+    fold_only = toy_pretrain_config("upernet.train.epochs=7", "upernet.train.num_workers=1")
+    assert pretrain_toy(fold_only, own_output)["skipped"] is True
+
+
+def test_killed_pretrain_resumes_from_last_pt(own_output, monkeypatch, caplog):
+    cfg = toy_pretrain_config()
+    real_fit = loop.fit
+
+    def killed_fit(*args, **kw):
+        def kill(epoch, row):
+            if epoch == 1:
+                raise KeyboardInterrupt("simulated kill")
+        return real_fit(*args, **kw, on_epoch_end=kill)
+
+    monkeypatch.setattr(loop, "fit", killed_fit)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_toy(cfg, own_output)
+    d = own_output.pretrain_model_dir("upernet")
+    assert checkpoint.load(own_output.pretrain_last("upernet"))["epoch"] == 1
+    assert not (d / "done.json").exists() and (d / "manifest.json").is_file()
+
+    epochs = []
+    monkeypatch.setattr(loop, "fit", lambda *a, **kw: real_fit(*a, **kw, on_epoch_end=lambda e, r: epochs.append(e)))
+    with caplog.at_level(logging.INFO, logger="neuroseg"):
+        summary = pretrain_toy(cfg, own_output)
+    assert epochs == [2] and summary["skipped"] is False
+    assert "training afresh" not in caplog.text
+    assert "upernet pretrain: resumed from" in caplog.text and "at epoch 2/2" in caplog.text
+    assert len(checkpoint.load(own_output.pretrain_last("upernet"))["history"]) == 2
+    done = json.loads((d / "done.json").read_text())
+    assert done["config_hash"] == summary["config_hash"] and done["epochs"] == 2
+
+
+def test_a_changed_pretrain_setting_trains_afresh(own_output, epochs_run, caplog):
+    first = pretrain_toy(toy_pretrain_config(), own_output)
+    with caplog.at_level(logging.INFO, logger="neuroseg"):
+        changed = pretrain_toy(toy_pretrain_config("pretrain.epochs=3"), own_output)
+    assert changed["config_hash"] != first["config_hash"] and changed["skipped"] is False
+    # from epoch 1 again: the old last.pt was removed (fit would refuse its hash otherwise)
+    assert epochs_run == [1, 2, 1, 2, 3]
+    assert (f"upernet pretrain: training afresh (config changed: {first['config_hash']} -> "
+            f"{changed['config_hash']})") in caplog.text
+    d = own_output.pretrain_model_dir("upernet")
+    assert json.loads((d / "manifest.json").read_text()) == {"model": "upernet",
+                                                             "config_hash": changed["config_hash"]}
+    assert checkpoint.load(own_output.pretrain_last("upernet"))["config_hash"] == changed["config_hash"]
+    assert len(checkpoint.load(own_output.pretrain_last("upernet"))["history"]) == 3
+
+
+def test_a_changed_model_train_setting_trains_afresh(own_output, epochs_run, caplog):
+    first = pretrain_toy(toy_pretrain_config(), own_output)
+    with caplog.at_level(logging.INFO, logger="neuroseg"):
+        changed = pretrain_toy(toy_pretrain_config("upernet.train.lr=0.02"), own_output)
+    assert changed["config_hash"] != first["config_hash"] and epochs_run == [1, 2, 1, 2]
+    assert "upernet pretrain: training afresh (config changed" in caplog.text
+
+
+def test_force_pretrains_again(own_output, epochs_run, caplog):
+    cfg = toy_pretrain_config()
+    first = pretrain_toy(cfg, own_output)
+    stamp = own_output.pretrain_best("upernet").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="neuroseg"):
+        again = pretrain_toy(cfg, own_output, force=True)
+    assert again["skipped"] is False and epochs_run == [1, 2, 1, 2]
+    assert again["config_hash"] == first["config_hash"]
+    assert "upernet pretrain: training afresh (--force)" in caplog.text
+    assert own_output.pretrain_best("upernet").stat().st_mtime_ns != stamp
+    # same seed, same data: the retrained weights are the first run's
+    assert again["best_metric"] == first["best_metric"]

@@ -60,13 +60,37 @@ def test_paste_inverts_the_training_target_projection():
     assert np.mean(torchvision) < np.mean(ours) - 0.05
 
 
+def bilinear_by_hand(grid: np.ndarray, v: float, u: float) -> float:
+    """``grid`` at continuous cell coordinates (row v, column u), cell centres at integers,
+    coordinates clamped to the grid (edges held)."""
+    v, u = min(max(v, 0.0), grid.shape[0] - 1), min(max(u, 0.0), grid.shape[1] - 1)
+    v0, u0 = min(int(v), grid.shape[0] - 2), min(int(u), grid.shape[1] - 2)
+    fv, fu = v - v0, u - u0
+    top = (1 - fu) * grid[v0, u0] + fu * grid[v0, u0 + 1]
+    bottom = (1 - fu) * grid[v0 + 1, u0] + fu * grid[v0 + 1, u0 + 1]
+    return float((1 - fv) * top + fv * bottom)
+
+
 def test_paste_local_crops_equal_the_full_paste_and_skip_outside_boxes():
     probs = np.random.default_rng(1).random((3, M, M)).astype(np.float32)
     boxes = np.array([[3.2, 4.7, 20.1, 30.0], [-5, -5, 9.5, 6], [160.3, 120.2, 175, 140]], np.float32)
+    crops = paste_local(probs, boxes, (H, W))
+    # pixels ceil(x0)..floor(x1), clipped to the 130 x 170 image: (y0, x0, (rows, cols)) per box
+    assert [(y0, x0, crop.shape) for y0, x0, crop in crops] == [
+        (5, 4, (26, 17)),  # rows 5..30, columns 4..20
+        (0, 0, (7, 10)),  # rows 0..6, columns 0..9: clipped at the top-left corner
+        (121, 161, (9, 9)),  # rows 121..129, columns 161..169: clipped at the bottom-right
+    ]
+    for grid, (bx0, by0, bx1, by1), (y0, x0, crop) in zip(probs, boxes.astype(float), crops, strict=True):
+        # pixel x sits at cell (x - x0) M / (x1 - x0) - 0.5 of the box's grid
+        expect = [[bilinear_by_hand(grid, (y - by0) * M / (by1 - by0) - 0.5, (x - bx0) * M / (bx1 - bx0) - 0.5)
+                   for x in range(x0, x0 + crop.shape[1])] for y in range(y0, y0 + crop.shape[0])]
+        np.testing.assert_allclose(crop, expect, atol=1e-5)
     full = paste_masks(torch.from_numpy(probs), torch.from_numpy(boxes), (H, W)).numpy()
-    for f, (y0, x0, crop) in zip(full, paste_local(probs, boxes, (H, W))):
+    assert full.shape == (3, H, W)
+    for f, (y0, x0, crop) in zip(full, crops, strict=True):
         assert np.array_equal(f[y0:y0 + crop.shape[0], x0:x0 + crop.shape[1]], crop)
-        assert f.sum() == pytest.approx(crop.sum(), rel=1e-6)
+        assert f.sum() == pytest.approx(crop.sum(), rel=1e-6)  # nothing outside the window
     assert paste_local(probs[:1], np.array([[W + 1, H + 1, W + 9, H + 9]], np.float32), (H, W))[0][2].size == 0
     with pytest.raises(ValueError, match="expected mask_probs"):
         paste_masks(torch.zeros(2, M, M), torch.zeros(1, 4), (H, W))

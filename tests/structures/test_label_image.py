@@ -114,8 +114,25 @@ def test_label_to_rles_round_trip_in_label_order_skipping_gaps():
     assert label_image.label_to_rles(np.zeros((H, W), dtype=np.int32)) == []
 
 
+def _rle_by_hand(mask: np.ndarray) -> str:
+    """Kaggle RLE by a plain walk over the row-major pixels (1-based starts, run lengths)."""
+    pairs, start = [], None
+    for i, on in enumerate([*mask.ravel().tolist(), False]):
+        if on and start is None:
+            start = i
+        elif not on and start is not None:
+            pairs += [start + 1, i - start]
+            start = None
+    return " ".join(map(str, pairs))
+
+
 def test_label_to_rles_round_trip_random():
     rng = np.random.default_rng(1)
-    label = rng.integers(0, 6, size=(H, W)).astype(np.int32)
-    for k, text in zip(range(1, 6), label_image.label_to_rles(label)):
+    values = np.array([0, 2, 3, 6, 9], dtype=np.int32)  # gaps: 1, 4, 5, 7, 8 never occur
+    label = values[rng.integers(0, values.size, size=(H, W))]
+    assert set(np.unique(label).tolist()) == {0, 2, 3, 6, 9}  # every instance present
+    rles = label_image.label_to_rles(label)
+    assert len(rles) == 4  # one per instance present, none for the gaps
+    assert rles == [_rle_by_hand(label == k) for k in (2, 3, 6, 9)]
+    for k, text in zip((2, 3, 6, 9), rles, strict=True):
         np.testing.assert_array_equal(rle.decode(text, (H, W)), label == k)

@@ -225,3 +225,170 @@ def test_real_model_trains_a_capped_epoch_and_caches_oof(preprocessed, model):
     else:
         assert pred["boxes"].shape[1:] == (4,) and len(pred["scores"]) == len(pred["labels"])
         assert (pred["boxes"][:, 2] <= 160 + 1e-3).all() and (pred["boxes"][:, 3] <= 128 + 1e-3).all()
+
+
+# ---- fit's resume guards, on an in-memory set (no files but the run's own) ----
+
+class ToySet(torch.utils.data.Dataset):
+    """``n`` random 3x16x20 images whose semantic target is a threshold of the first channel."""
+
+    def __init__(self, n: int, first: int = 0) -> None:
+        g = torch.Generator().manual_seed(first)
+        self.items = []
+        for i in range(first, first + n):
+            image = torch.rand(3, 16, 20, generator=g)
+            sem = (image[0] > 0.5).long() + (image[0] > 0.8).long()
+            self.items.append((image, {"semantic": sem, "cell_type": torch.tensor(i % 3),
+                                       "image_id": f"img{i:02d}"}))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def toy_fit(tmp_path, model=None, config_hash="a", epochs=2, n_train=4, **kw):
+    from neuroseg.data.datasets import collate
+
+    tc = TrainConfig(epochs=epochs, batch_size=2, num_workers=0, lr=0.01, warmup_epochs=0.5)
+    fit_run = loop.FitRun(last_path=tmp_path / "last.pt", best_path=tmp_path / "best.pt",
+                          history_path=tmp_path / "history.csv", config_hash=config_hash, desc="toy")
+    torch.manual_seed(0)
+    model = model if model is not None else T.ToySegmenter()
+    return loop.fit(model, ToySet(n_train), ToySet(2, first=50), tc, fit_run, collate_fn=collate, **kw)
+
+
+def kill_after(epoch_to_kill):
+    def hook(epoch, row):
+        if epoch == epoch_to_kill:
+            raise KeyboardInterrupt("simulated kill")
+    return hook
+
+
+def test_fit_refuses_a_last_pt_of_another_config(tmp_path):
+    toy_fit(tmp_path, config_hash="a", epochs=1)
+    before = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(RuntimeError, match=r"last\.pt belongs to config a, not b; remove it or train with --force"):
+        toy_fit(tmp_path, config_hash="b", epochs=1)
+    assert (tmp_path / "last.pt").read_bytes() == before  # left as it was
+
+
+def test_fit_resuming_without_best_pt_writes_a_new_one_at_the_next_validation(tmp_path, caplog):
+    with pytest.raises(KeyboardInterrupt):
+        toy_fit(tmp_path, on_epoch_end=kill_after(1))
+    assert checkpoint.load(tmp_path / "best.pt")["epoch"] == 1
+    # a best metric no validation can beat (scores are <= 1): only the reset lets epoch 2 win
+    last = checkpoint.load(tmp_path / "last.pt")
+    assert last["best_epoch"] == 1
+    checkpoint.save({**last, "best_metric": 2.0}, tmp_path / "last.pt")
+    (tmp_path / "best.pt").unlink()
+    epochs = []
+    with caplog.at_level(logging.WARNING, logger="neuroseg"):
+        summary = toy_fit(tmp_path, on_epoch_end=lambda e, r: epochs.append(e))
+    assert epochs == [2]
+    assert "best.pt is missing; the next validation will write a new one" in caplog.text
+    assert summary["best_epoch"] == 2 and summary["best_metric"] < 1.0
+    best = checkpoint.load(tmp_path / "best.pt")
+    assert best["epoch"] == 2 and best["metric"] == summary["best_metric"]
+    assert checkpoint.load(tmp_path / "last.pt")["best_epoch"] == 2
+
+
+def test_a_finished_run_whose_best_pt_was_deleted_rewrites_it_from_the_last_weights(tmp_path, caplog):
+    first = toy_fit(tmp_path)  # both epochs done
+    last = checkpoint.load(tmp_path / "last.pt")
+    (tmp_path / "best.pt").unlink()
+    epochs = []
+    with caplog.at_level(logging.WARNING, logger="neuroseg"):
+        summary = toy_fit(tmp_path, on_epoch_end=lambda e, r: epochs.append(e))
+    assert epochs == []  # nothing retrained
+    assert "no epoch is left: from the last epoch's weights" in caplog.text
+    best = checkpoint.load(tmp_path / "best.pt")
+    assert summary["best_epoch"] == best["epoch"] == 2 and best["metric"] == summary["best_metric"]
+    weights = last["ema"]["module"] if last.get("ema") else last["model"]
+    assert best["model"].keys() == weights.keys()
+    assert all(torch.equal(best["model"][k], weights[k]) for k in weights)
+    assert first["epochs"] == summary["epochs"] == 2
+
+
+def test_fit_keeps_the_stored_best_when_best_pt_is_there(tmp_path):
+    # the same tampered last.pt with best.pt left in place: epoch 2 cannot beat 2.0
+    with pytest.raises(KeyboardInterrupt):
+        toy_fit(tmp_path, on_epoch_end=kill_after(1))
+    last = checkpoint.load(tmp_path / "last.pt")
+    checkpoint.save({**last, "best_metric": 2.0}, tmp_path / "last.pt")
+    best_bytes = (tmp_path / "best.pt").read_bytes()
+    summary = toy_fit(tmp_path)
+    assert summary["best_epoch"] == 1 and summary["best_metric"] == 2.0
+    assert (tmp_path / "best.pt").read_bytes() == best_bytes
+
+
+def test_fit_resumes_across_a_world_size_change_with_a_warning(tmp_path, caplog):
+    with pytest.raises(KeyboardInterrupt):
+        toy_fit(tmp_path, on_epoch_end=kill_after(1))
+    last = checkpoint.load(tmp_path / "last.pt")
+    assert last["world_size"] == 1
+    checkpoint.save({**last, "world_size": 2}, tmp_path / "last.pt")  # as two processes wrote it
+    epochs = []
+    with caplog.at_level(logging.INFO, logger="neuroseg"):
+        toy_fit(tmp_path, on_epoch_end=lambda e, r: epochs.append(e))
+    assert epochs == [2]  # resumed, not refused, not restarted
+    assert "toy: resuming with 1 processes, checkpoint had 2 (steps per epoch change)" in caplog.text
+    assert "toy: resumed from" in caplog.text and "at epoch 2/2" in caplog.text
+    assert checkpoint.load(tmp_path / "last.pt")["world_size"] == 1
+
+
+def test_fit_takes_a_last_pt_without_world_size_as_one_process(tmp_path, caplog):
+    with pytest.raises(KeyboardInterrupt):
+        toy_fit(tmp_path, on_epoch_end=kill_after(1))
+    last = checkpoint.load(tmp_path / "last.pt")
+    del last["world_size"]  # written by an older version
+    checkpoint.save(last, tmp_path / "last.pt")
+    with caplog.at_level(logging.WARNING, logger="neuroseg"):
+        toy_fit(tmp_path)
+    assert "processes" not in caplog.text
+
+
+class NaNOnCall(T.ToySegmenter):
+    """Returns NaN losses on the ``bad``-th training forward; records the parameters each
+    training forward saw."""
+
+    def __init__(self, bad: int) -> None:
+        super().__init__()
+        self.bad, self.calls, self.seen = bad, 0, []
+
+    def forward(self, images, targets=None):
+        if not self.training:
+            return super().forward(images, targets)
+        self.calls += 1
+        self.seen.append({k: p.detach().clone() for k, p in self.named_parameters()})
+        losses = super().forward(images, targets)
+        if self.calls == self.bad:
+            losses = {k: v * float("nan") for k, v in losses.items()}
+        return losses
+
+
+def test_fit_skips_a_step_with_non_finite_gradients(tmp_path, caplog):
+    model = NaNOnCall(bad=2)
+    with caplog.at_level(logging.WARNING, logger="neuroseg"):
+        summary = toy_fit(tmp_path, model=model, epochs=1, n_train=6)  # 3 steps
+    assert model.calls == 3
+    seen = model.seen
+    assert not T.same_weights(seen[0], seen[1])  # step 1 updated the weights
+    assert T.same_weights(seen[1], seen[2])  # step 2 (NaN) did not
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert "toy epoch 1/1: 1 of 3 steps skipped (non-finite gradients)" in caplog.text
+    (row,) = checkpoint.load(tmp_path / "last.pt")["history"]
+    assert row["skipped_steps"] == 1.0 and row["steps"] == 3
+    assert math.isnan(row["loss"])  # the NaN loss enters the epoch's mean
+    assert pd.read_csv(tmp_path / "history.csv")["skipped_steps"].tolist() == [1.0]
+    # the schedule still advanced on the skipped step; validation ran on finite weights
+    assert checkpoint.load(tmp_path / "last.pt")["scheduler"]["last_epoch"] == 3
+    assert summary["best_epoch"] == 1 and math.isfinite(summary["best_metric"])
+
+
+def test_fit_records_zero_skipped_steps_when_all_are_finite(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="neuroseg"):
+        toy_fit(tmp_path, epochs=1)
+    assert pd.read_csv(tmp_path / "history.csv")["skipped_steps"].tolist() == [0.0]
+    assert "skipped" not in caplog.text

@@ -2,7 +2,7 @@
 
 The fold trainers call :func:`holdout_ids` (``pseudo.holdout_fraction``: these labelled images
 leave every fold, train and val alike) and, with ``pseudo.enabled``, :func:`add_pseudo_labels`:
-the rows of the pseudo-label CSV (``pseudo_label.py`` writes it) for this fold -- its own rows
+the rows of the pseudo-label CSV (``pipeline/make_pseudo_labels.py`` writes it) for this fold -- its own rows
 when made per fold, and the rows for every fold -- join the fold's *training* set only; the
 validation set is built before and apart from them. An image id that is also a labelled image
 of this run is an error: its pseudo-labels would stand beside (or leak into) its real labels.

@@ -10,7 +10,7 @@ spectrum. A linear model on them needs no GPU and a few seconds to fit.
 
 05 fits it fold by fold on the training folds of ``folds.csv`` (so its out-of-fold
 probabilities are as honest as the models') and once on every image for the test set; its
-probabilities then vote with the models (``ensemble.type_votes``, voter ``"image"``).
+probabilities then vote with the models (``fusion.type_votes``, voter ``"image"``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Parameters of the ensemble and of each single model, per cell type, and their JSON form.
 
 ``tuning.py`` fills them on the OOF cache, ``05_ensemble.py`` writes them into params.json,
-``ensemble.fuse`` / ``single_model`` read them (re-exported from ``neuroseg.ensemble.fusion``). Defaults
+``fusion.fuse`` / ``single_model`` read them. Defaults
 are reasonable starting points; the tuning starts from them and only keeps strict improvements.
 """
 

@@ -30,7 +30,6 @@ from typing import Mapping, Sequence, Union
 import numpy as np
 import pandas as pd
 from scipy import sparse
-from scipy.sparse.csgraph import maximum_bipartite_matching
 
 from neuroseg.config import CELL_TYPES
 from neuroseg.structures import rle
@@ -173,7 +172,7 @@ def iou_matrix(truth: Instances, pred: Instances) -> np.ndarray:
 
 def rles_to_indices(rles: Sequence[str], shape: tuple[int, int]) -> list[np.ndarray]:
     """Kaggle RLE strings -> flat pixel-index arrays (the list form :func:`iou_matrix` takes);
-    raises :class:`rle.RLEError` naming the first malformed string (see ``submission.decode_all``)."""
+    raises :class:`rle.RLEError` naming the first malformed string (see ``submission_csv.decode_all``)."""
     masks, bad = decode_all(rles, shape)
     if bad:
         raise rle.RLEError(f"annotation {bad[0][0] + 1} of {len(rles)}: {bad[0][1]}")
@@ -197,6 +196,10 @@ def _matching_size(rows: np.ndarray, cols: np.ndarray, n_t: int, n_p: int) -> in
         return int(np.count_nonzero(np.bincount(cols)))
     if np.bincount(cols).max() <= 1:
         return int(np.count_nonzero(np.bincount(rows)))
+    # imported here: csgraph pulls in scipy.sparse.linalg (~90 ms), a quarter of `score`'s start-up,
+    # for a case real predictions never reach
+    from scipy.sparse.csgraph import maximum_bipartite_matching
+
     graph = sparse.csr_matrix((np.ones(rows.size, np.int8), (rows, cols)), shape=(n_t, n_p))
     return int(np.count_nonzero(maximum_bipartite_matching(graph, perm_type="column") >= 0))
 

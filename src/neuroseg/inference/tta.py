@@ -3,7 +3,7 @@
 A *view* is the image flipped along zero or more axes. Every flip is its own inverse, so the
 same functions flip an image into a view and un-flip the view's boxes, probability maps and
 box-resolution masks back into the original orientation. Pure functions on tensors; the caller
-(``predict.py``) decides which models and folds see which views.
+(``fold_models.py``) decides which models and folds see which views.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """``python -m neuroseg pseudo-label``: the tuned ensemble's confident predictions on unlabelled
-images, written in train.csv form for the fold trainers (``pseudo_data.py`` reads them back).
+images, written in train.csv form for the fold trainers (``data/pseudo_labels.py`` reads them back).
 
 The images (``train_semi_supervised/`` by default, any PNG folders, and with ``--holdout`` the
 labelled images that ``pseudo.holdout_fraction`` holds out) go through the same streaming
-prediction as step 06 (``predict.segment``: fold models, flip TTA, ``ensemble.fuse`` with
+prediction as step 06 (``predict.segment``: fold models, flip TTA, ``fusion.fuse`` with
 ``params.json``). Per image, :func:`filter_instances` keeps the instances scoring at least
 ``pseudo.min_score``, and the image only when its instances' median (or mean) score reaches
 ``pseudo.min_image_score`` and ``pseudo.min_instances`` remain. Dropped instances become

@@ -2,7 +2,7 @@
 against the cleaned train labels, overall and per cell type.
 
 Mask R-CNN: masks pasted into the image (``box_masks.paste_masks``), thresholded at 0.5, overlaps
-given to the higher score (``instances.masks_to_label``), competition metric. UPerNet:
+given to the higher score (``label_image.masks_to_label``), competition metric. UPerNet:
 ``upernet.probs_to_instances``, competition metric. YOLOX has no masks: box AP50 and recall at
 IoU 0.5 (``yolox.box_ap50``, the metric its training validates with). The score of a set of
 images is the mean of the per-image scores, as in the competition.

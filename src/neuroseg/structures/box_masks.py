@@ -89,7 +89,7 @@ def label_offset(scale: float) -> float:
     """Where the training labels put original pixel ``i`` on an input resized by ``1 / scale``
     (original = ``scale`` x input): at input pixel coordinate ``(i + label_offset(scale)) / scale``.
 
-    The labels are resized with OpenCV's nearest neighbour (``dataset._resize_labels``), which
+    The labels are resized with OpenCV's nearest neighbour (``datasets._resize_labels``), which
     takes input pixel ``p`` from original pixel ``floor(p * scale)``. Shrinking (``scale > 1``):
     input pixel ``p`` *is* original pixel ``p * scale`` (offset 0, half a pixel off the image's
     own area-averaged centres, and the networks learn the labels). Enlarging (``scale < 1``):

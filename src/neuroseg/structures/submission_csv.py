@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import csv
 import re
+import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from neuroseg.structures import rle
 from neuroseg.utils.atomic_io import atomic_path
@@ -115,17 +116,28 @@ def decode_all(rles: Sequence[str],
 
 
 def image_shapes(test_dir: str | Path) -> dict[str, tuple[int, int]]:
-    """``{id: (height, width)}`` of ``test_dir/*.png``, from the PNG headers only."""
+    """``{id: (height, width)}`` of ``test_dir/*.png``, from the PNG headers; each file's chunks
+    are checked to its end too (``Image.verify``: CRCs, truncation; no pixel is decoded, ~0.1 ms),
+    since a truncated file keeps a valid header. Raises ValueError naming every unreadable file
+    and what failed, one per line."""
     test_dir = Path(test_dir)
     if not test_dir.is_dir():
         raise FileNotFoundError(f"test dir not found: {test_dir}")
-    shapes = {}
+    shapes, bad = {}, []
     for png in sorted(test_dir.glob("*.png")):
         try:
             with Image.open(png) as im:
-                shapes[png.stem] = (im.height, im.width)
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"unreadable test image {png}: {e}") from None
+                shape = (im.height, im.width)
+                im.verify()
+        # how PIL reports a broken file: UnidentifiedImageError (an OSError), OSError ("truncated PNG
+        # file"), SyntaxError ("broken PNG file (bad header checksum ...)"), ValueError ("Truncated
+        # IHDR chunk"), struct.error, EOFError
+        except (OSError, SyntaxError, ValueError, struct.error, EOFError, Image.DecompressionBombError) as e:
+            bad.append(f"unreadable test image {png}: {type(e).__name__}: {e}")
+            continue
+        shapes[png.stem] = shape
+    if bad:
+        raise ValueError("\n".join(bad))
     if not shapes:
         raise FileNotFoundError(f"no *.png in test dir {test_dir}")
     return shapes
@@ -140,23 +152,28 @@ class _Image:
 
 
 def _overlaps(path: Path, image_id: str, img: _Image, n_pixels: int) -> list[str]:
-    """One violation per pair of overlapping masks, from pixel counts (no dense mask per pair)."""
+    """One violation per pair of overlapping masks -- every pair: a pixel under k masks counts for
+    all k(k-1)/2 of their pairs. The pixels each pair shares are counted as in the scorer
+    (``metric._intersections``): the sparse masks x shared-pixels indicator times its transpose,
+    built from the pixels covered more than once only (no dense mask, no per-pair pass)."""
     if len(img.masks) < 2:
         return []
     pix = np.concatenate(img.masks)
     count = np.bincount(pix, minlength=n_pixels)
     if count.max(initial=0) <= 1:
         return []
-    owner = np.repeat(np.asarray(img.lines), [m.size for m in img.masks])
+    from scipy import sparse  # only for a file that has overlaps
+
+    mask_of = np.repeat(np.arange(len(img.masks)), [m.size for m in img.masks])
     shared = count[pix] > 1
-    pix, owner = pix[shared], owner[shared]
-    order = np.argsort(pix, kind="stable")  # stable: owners of one pixel stay in line order
-    pix, owner = pix[order], owner[order]
-    same = pix[1:] == pix[:-1]  # consecutive owners of one pixel (a triple overlap gives a, b and b, c)
-    pairs = np.stack([owner[:-1][same], owner[1:][same]], axis=1)
-    pairs, counts = np.unique(pairs, axis=0, return_counts=True)
+    cover = sparse.csr_matrix((np.ones(int(shared.sum()), np.int64), (mask_of[shared], pix[shared])),
+                              shape=(len(img.masks), n_pixels))
+    inter = sparse.triu(cover @ cover.T, k=1).tocoo()  # (i, j, shared pixels), i < j: masks in line order
+    lines = np.asarray(img.lines, np.int64)
+    order = np.lexsort((inter.col, inter.row))
     return [f"{path}: lines {a} and {b}, id {image_id!r}: masks overlap in {n} pixel(s)"
-            for (a, b), n in zip(pairs.tolist(), counts.tolist())]
+            for a, b, n in zip(lines[inter.row[order]].tolist(), lines[inter.col[order]].tolist(),
+                               inter.data[order].tolist())]
 
 
 def _check(path: str | Path, test_dir: str | Path | None,
@@ -164,7 +181,7 @@ def _check(path: str | Path, test_dir: str | Path | None,
     """-> (violations, data rows, images)."""
     path = Path(path)
     if not path.is_file():
-        return [f"{path}: file not found"], 0, 0
+        return [f"{path}: {'a directory, not a file' if path.is_dir() else 'file not found'}"], 0, 0
     shapes = image_shapes(test_dir) if test_dir is not None else None
     problems: list[str] = []
     images: dict[str, _Image] = {}
@@ -195,8 +212,13 @@ def _check(path: str | Path, test_dir: str | Path | None,
                 if predicted.strip():
                     img.lines.append(line)
                     img.rles.append(predicted)
-    except (UnicodeDecodeError, csv.Error) as e:
-        return [*problems, f"{path}: not a readable CSV: {e}"], n_rows, len(images)
+    except UnicodeDecodeError as e:  # binary data or another encoding (read ahead in blocks: no line)
+        bad = f"byte 0x{e.object[e.start]:02x}: {e.reason}" if e.start < len(e.object) else e.reason
+        return [*problems, f"{path}: not a readable CSV: not UTF-8 text ({bad})"], n_rows, len(images)
+    except csv.Error as e:  # e.g. a NUL byte
+        return [*problems, f"{path}: not a readable CSV: line {reader.line_num}: {e}"], n_rows, len(images)
+    except OSError as e:  # permissions, I/O errors
+        return [*problems, f"{path}: cannot read: {e.strerror or e}"], n_rows, len(images)
     if n_rows == 0:
         problems.append(f"{path}: no rows after the header")
     for image_id, img in images.items():
@@ -219,7 +241,10 @@ def validate_submission(path: str | Path, test_dir: str | Path | None = None,
     (integers, even count, positive, runs sorted, no pixel twice in a mask, inside the image); no
     two masks of one image share a pixel. With ``test_dir``: every ``*.png`` stem has a row, no other
     id appears, and each image's size is read from its PNG; otherwise every image is ``shape``
-    (height, width). A missing or empty ``test_dir`` raises FileNotFoundError.
+    (height, width). A missing or empty ``test_dir`` raises FileNotFoundError, an unreadable PNG in
+    it (truncated, not an image) ValueError naming each such file (the CLI prints either as an
+    error, exit status 2). A CSV that cannot be read (missing, a directory, not UTF-8, no
+    permission) is one violation naming the file.
     """
     return _check(path, test_dir, shape)[0]
 

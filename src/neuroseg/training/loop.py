@@ -260,7 +260,8 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, tc: TrainConfig,
         checkpoint.set_rng_state(ck["rng"])
         start, best, best_epoch, rows = ck["epoch"], ck["best_metric"], ck["best_epoch"], ck["history"]
         if best_epoch > 0 and not run.best_path.is_file():  # deleted by hand: let the next val save one
-            log.warning("%s: %s is missing; the next validation will write a new one", run.desc, run.best_path)
+            log.warning("%s: %s is missing; the next validation will write a new one%s", run.desc, run.best_path,
+                        "" if start < tc.epochs else " (no epoch is left: from the last epoch's weights)")
             best, best_epoch = -math.inf, -1
         if ck.get("world_size", 1) != info.world_size:
             log.warning("%s: resuming with %d processes, checkpoint had %d (steps per epoch change)",
@@ -332,6 +333,18 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, tc: TrainConfig,
         distributed.barrier()
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, row)
+    if best_epoch < 0 and start == tc.epochs > 0:  # a finished run whose best.pt was deleted
+        eval_model = ema.module if ema is not None else base
+        per_image = {}
+        for part in distributed.gather_objects(evaluate(eval_model, val_loader, device, use_amp)):
+            per_image.update(part)
+        value = history.mean_metrics(list(per_image.values())).get(metric_name, math.nan)
+        if not math.isnan(value):
+            best, best_epoch = value, start
+            if info.is_main:
+                checkpoint.save({**run.meta, "model": eval_model.state_dict(), "epoch": start, "metric": best,
+                                 "config_hash": run.config_hash}, run.best_path)
+        distributed.barrier()
     if best_epoch < 0:
         raise RuntimeError(f"{run.desc}: validation never produced a finite {metric_name}")
     return {"best_metric": best, "best_epoch": best_epoch, "epochs": tc.epochs, "val_metric": metric_name}
