@@ -14,6 +14,7 @@ from typing import Any
 from neuroseg.config import CELL_TYPES
 from neuroseg.ensemble.celltype import CellTypeClassifier
 from neuroseg.models.upernet import WatershedParams
+from neuroseg.structures.box_masks import MASK_THRESHOLD
 
 VOTE_MODELS: tuple[str, ...] = ("yolox", "maskrcnn", "upernet")
 # Who votes on an image's cell type: the models, and the image-statistics classifier (celltype.py)
@@ -29,7 +30,7 @@ class TypeParams:
     wbf_iou: float = 0.55  # boxes of one cell cluster above this IoU
     wbf_skip: float = 0.05  # boxes scored below this are not fused
     upernet_weight: float = 0.3  # share of UPerNet in the mask probability (the rest: mask head)
-    mask_threshold: float = 0.5
+    mask_threshold: float = MASK_THRESHOLD
     score_threshold: float = 0.3  # on the rescored score
     min_area: int = 10  # px, after overlap resolution
     max_overlap: float = 1.0  # drop a candidate when higher-scored ones hold more of it (1: never)
@@ -38,7 +39,7 @@ class TypeParams:
 
 @dataclass
 class MaskRCNNParams:
-    mask_threshold: float = 0.5
+    mask_threshold: float = MASK_THRESHOLD
     score_threshold: float = 0.3
     min_area: int = 0
 
