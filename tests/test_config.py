@@ -64,11 +64,24 @@ def test_save_round_trip_and_hash(tmp_path):
     assert cfg.section_hash("maskrcnn") == other.section_hash("maskrcnn")
 
 
-@pytest.mark.parametrize("name", ["demo", "cpu", "kaggle"])
+@pytest.mark.parametrize("name", ["demo", "cpu", "kaggle", "reference"])
 def test_shipped_configs_load(name):
     cfg = config.load(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
     assert cfg.name == name
     assert cfg.yolox.input_size % 32 == 0
+
+
+def test_every_shipped_config_is_tested():
+    shipped = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert shipped == ["cpu", "demo", "kaggle", "reference"]
+
+
+def test_the_reference_config_is_one_mask_rcnn_on_one_fold():
+    cfg = config.load(Path(__file__).resolve().parents[1] / "configs" / "reference.yaml")
+    assert cfg.ensemble.models == ("maskrcnn",) and cfg.fold_ids == (0,)
+    m = cfg.maskrcnn
+    assert (m.backbone, m.fpn_channels, m.mask_head_channels, m.mask_head_convs) == ("resnet18", 256, 256, 4)
+    assert (m.train.batch_size, m.train.lr, m.train.min_lr_ratio, m.detections_per_image) == (4, 5e-4, 0.0, 1000)
 
 
 def test_paths_resolve_from_env(monkeypatch, tmp_path):
