@@ -134,6 +134,9 @@ class EnsembleConfig:
     feature_cache_mb: int = 2048
     # fit the image-statistics cell-type classifier (celltype.py) and let it vote on cell types
     cell_type_classifier: bool = True
+    # also report scores cross-validated over the OOF folds (tune on the other folds, score this
+    # one): the honest figure beside the in-sample one; costs one more tuning per fold
+    cross_validate: bool = True
 
 
 @dataclass(frozen=True)

@@ -192,6 +192,11 @@ def test_run_ensemble_writes_params_report_and_skips_when_fresh(tmp_path, tuned)
     assert f"Per cell type, vs that type's best single model: {gains}." in report
     assert paths.ensemble_figure("overlay_astro").is_file()
     assert len(np.genfromtxt(paths.ensemble_oof_scores, delimiter=",", skip_header=1)) == 6
+    # beside the in-sample scores, each fold scored with parameters tuned on the other fold
+    cv = stored["scores_cross_validated"]
+    assert set(cv) == {"ensemble", "upernet"}
+    assert cv["ensemble"]["images_per_cell_type"] == {t: 2 for t in CELL_TYPES}
+    assert f"| ensemble | {cv['ensemble']['overall']:.4f} |" in report.split("### Cross-validated")[1]
     # a second run with nothing changed does nothing; a changed setting or --force redoes it
     mtime = out.stat().st_mtime_ns
     run_ensemble(cfg, paths)

@@ -128,6 +128,22 @@ def format_report(params: EnsembleParams, report: dict[str, Any], figures: list[
                 per_type.append(f"{t} {summary['ensemble']['per_cell_type'][t] - singles[m]:+.4f} (vs {m})")
         if per_type:
             lines += [f"Per cell type, vs that type's best single model: {', '.join(per_type)}."]
+    cv = report.get("cross_validated")
+    if cv:
+        lines += ["", "### Cross-validated (the honest figure)", "",
+                  "The scores above are in-sample: the parameters were tuned on the images they score. Here "
+                  "each OOF fold is scored with parameters tuned on the other folds only.", "",
+                  "| method | overall | " + " | ".join(types) + " |", "|---|---|" + "---|" * len(types)]
+        for m in ("maskrcnn", "upernet", "ensemble"):
+            if m in cv:
+                lines.append(f"| {m} | {cv[m]['overall']:.4f} | " +
+                             " | ".join(f"{cv[m]['per_cell_type'].get(t, float('nan')):.4f}" for t in types) + " |")
+        singles = [m for m in ("maskrcnn", "upernet") if m in cv]
+        if "ensemble" in cv and singles:
+            best = max(singles, key=lambda m: cv[m]["overall"])
+            lines += ["", f"Cross-validated ensemble vs best single model ({best}): "
+                      f"{cv['ensemble']['overall'] - cv[best]['overall']:+.4f} (in-sample "
+                      f"{summary['ensemble']['overall'] - summary[best]['overall']:+.4f})."]
     voter = {"image": "image classifier (celltype.py)"}
     lines += ["", "Cell-type vote accuracy: " + ", ".join(f"{voter.get(m, m)} {a:.3f}"
                                                          for m, a in report["vote_accuracy"].items()),

@@ -370,7 +370,8 @@ def tune_vote_weights(votes: Mapping[str, Mapping[str, np.ndarray]], truth: Mapp
 
 # ---- the whole tuning ----
 
-def _summary(per_image: Mapping[str, float], truth: Mapping[str, Truth]) -> dict[str, Any]:
+def summarise(per_image: Mapping[str, float], truth: Mapping[str, Truth]) -> dict[str, Any]:
+    """Mean score overall and per cell type, and the image counts, of ``{image_id: score}``."""
     by_type = {t: [s for i, s in per_image.items() if truth[i].cell_type == t] for t in CELL_TYPES}
     return {"overall": float(np.mean(list(per_image.values()))) if per_image else float("nan"),
             "per_cell_type": {t: float(np.mean(v)) for t, v in by_type.items() if v},
@@ -456,7 +457,7 @@ def tune_ensemble(oof_by_model: Mapping[str, Mapping[str, Mapping[str, np.ndarra
 
     if any(m in models for m in ens.BOX_MODELS):
         _tune_fusion(params, ids, votes, truth, get_pred, mask_fns, models, cfg, report)
-    report["summary"] = {name: _summary(s, truth) for name, s in report["per_image"].items()}
+    report["summary"] = {name: summarise(s, truth) for name, s in report["per_image"].items()}
     return params, report
 
 

@@ -17,8 +17,9 @@ from typing import Any, Iterator, Mapping
 
 from neuroseg.config import Config
 from neuroseg.ensemble.celltype import fit_cell_type_classifier
+from neuroseg.ensemble.cross_validation import cross_validated_scores
 from neuroseg.ensemble.report import format_report, write_figures, write_scores_csv
-from neuroseg.ensemble.tuning import truth_from_records, tune_ensemble
+from neuroseg.ensemble.tuning import summarise, truth_from_records, tune_ensemble
 from neuroseg.evaluation import oof_cache
 from neuroseg.evaluation.oof_cache import LazyOOF
 from neuroseg.paths import TRAIN_SCRIPTS, Paths
@@ -159,6 +160,10 @@ def run_ensemble(cfg: Config, paths: Paths, force: bool = False) -> Path:
                               else (None, None))
     params, report = tune_ensemble(oof_by_model, truth, cfg, mask_fns, type_probs)
     params.cell_type_classifier = classifier
+    if cfg.ensemble.cross_validate and len(set(fold_of.values())) > 1:
+        used = {i: truth[i] for i in report["image_ids"]}
+        cv = cross_validated_scores(oof_by_model, used, fold_of, cfg, mask_fns, type_probs)
+        report["cross_validated"] = {m: summarise(s, used) for m, s in cv["per_image"].items()}
     write_scores_csv(paths.ensemble_oof_scores, report, truth, fold_of)
     captions: dict[str, str] = {}
     figures = write_figures(paths, report, truth, params, oof_by_model, mask_fns, captions, type_probs)
@@ -167,6 +172,7 @@ def run_ensemble(cfg: Config, paths: Paths, force: bool = False) -> Path:
     # params.json last: its time stamp is what marks the step done
     atomic_write_json(paths.ensemble_params, {
         "format": FORMAT, "params": params.to_json(), "scores": report["summary"],
+        "scores_cross_validated": report.get("cross_validated"),
         "vote_accuracy": report["vote_accuracy"], "evaluations": report["evaluations"],
         "models": report["models"], "n_images": report["n_images"], "inputs": inputs})
     log.info("wrote %s, %s, %s and %d figure(s)", paths.ensemble_params, paths.ensemble_report,
