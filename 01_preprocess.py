@@ -2,7 +2,7 @@
 
     python 01_preprocess.py [--config configs/kaggle.yaml] [--data-dir D] [--output-dir O] [--force]
 
-Does nothing when its outputs are up to date (see neuroseg.preprocess).
+Does nothing when its outputs are up to date (see neuroseg.pipeline.preprocess).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Steps 02-04: train one model on each fold, then cache its out-of-fold predictions.
 
-``train_model(cfg, paths, "maskrcnn", folds=(0, 2))`` is what ``03_train_maskrcnn.py`` calls. Per
-fold (``train_fold``): a finished fold (``done.json`` with the same config hash) is skipped unless
+``train_main`` is the whole of 02-04 (``03_train_maskrcnn.py`` calls it);
+``train_model(cfg, paths, "maskrcnn", folds=(0, 2))`` does the work. Per fold (``train_fold``): a finished fold (``done.json`` with the same config hash) is skipped unless
 ``force``; a fold whose ``last.pt`` was made by another config is trained afresh (logged); a
 killed fold resumes from ``last.pt``. After training, the fold's validation images are predicted
 with ``best.pt`` and written to the OOF cache (rebuilt whenever it is stale or partial).
