@@ -222,6 +222,14 @@ def _loaders(train_set: Dataset, val_set: Dataset, tc: TrainConfig, collate_fn, 
     return train_loader, val_loader, gen, sampler
 
 
+def _val_metrics(model: nn.Module, loader, device: torch.device, use_amp: bool) -> dict[str, float]:
+    """Mean validation metrics over every rank's images."""
+    per_image: dict[str, dict] = {}
+    for part in distributed.gather_objects(evaluate(model, loader, device, use_amp)):
+        per_image.update(part)
+    return history.mean_metrics(list(per_image.values()))
+
+
 def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, tc: TrainConfig, run: FitRun, *,
         collate_fn: Callable | None = None, device: torch.device | None = None,
         info: DistInfo | None = None,
@@ -295,10 +303,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, tc: TrainConfig,
         improved = False
         if validate:
             eval_model = ema.module if ema is not None else base
-            per_image: dict[str, dict] = {}
-            for part in distributed.gather_objects(evaluate(eval_model, val_loader, device, use_amp)):
-                per_image.update(part)
-            metrics = history.mean_metrics(list(per_image.values()))
+            metrics = _val_metrics(eval_model, val_loader, device, use_amp)
             if metric_name not in metrics:
                 raise KeyError(f"score_predictions returned {sorted(metrics)}; val_metric "
                                f"{metric_name!r} is missing")
@@ -335,10 +340,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, tc: TrainConfig,
             on_epoch_end(epoch + 1, row)
     if best_epoch < 0 and start == tc.epochs > 0:  # a finished run whose best.pt was deleted
         eval_model = ema.module if ema is not None else base
-        per_image = {}
-        for part in distributed.gather_objects(evaluate(eval_model, val_loader, device, use_amp)):
-            per_image.update(part)
-        value = history.mean_metrics(list(per_image.values())).get(metric_name, math.nan)
+        value = _val_metrics(eval_model, val_loader, device, use_amp).get(metric_name, math.nan)
         if not math.isnan(value):
             best, best_epoch = value, start
             if info.is_main:
