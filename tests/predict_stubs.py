@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import roi_align
 
 from neuroseg.models.base import NeurosegModel
@@ -51,9 +52,17 @@ class StubDetector(NeurosegModel):
             out.append(d)
         return out
 
+    def detect(self, images, masks=True):
+        """Mask R-CNN's ``detect``: the detections and the features they came from."""
+        out = self.forward(images)
+        if not masks:
+            for d in out:
+                d.pop("mask_probs", None)
+        return out, self.box_features(images)
+
     def box_features(self, images):
         self.feature_calls += 1
-        return None, {"images": images.clone()}
+        return ImageList(images, [tuple(images.shape[-2:])] * len(images)), {"images": images.clone()}
 
     def masks_for_boxes(self, images, boxes, labels, features=None):
         images = features[1]["images"] if features is not None else images

@@ -116,6 +116,24 @@ def test_one_forward_per_fold_covers_every_view_and_image():
     assert [len(b.boxes) for b in preds[1].yolox] == [0, 0, 0]
 
 
+def test_detection_features_serve_the_mask_heads():
+    """One batch of two images: each fold model's backbone runs once for the whole batch, and the
+    mask heads that come with each image give the masks a fresh ``mask_fn`` gives."""
+    ens = stub_ensemble(tta_flips=True, folds=2)
+    images = [asymmetric_image(), np.roll(asymmetric_image(), 5, axis=1)]
+    outs = ens.predict_with_heads(images, ["a", "b"], masks=False)
+    assert [m.feature_calls for m in ens.models["maskrcnn"]] == [1, 1]
+    for (pred, heads), image in zip(outs, images):
+        assert pred.maskrcnn_mask_probs == [] and len(pred.maskrcnn) == 2 * 3  # folds x views
+        got = heads(RECT, np.array([2]))
+        assert [m.feature_calls for m in ens.models["maskrcnn"]] == [1, 1]  # nothing recomputed
+        np.testing.assert_array_equal(got, stub_ensemble(True, folds=2).mask_fn(image)(RECT, np.array([2])))
+    assert not np.array_equal(outs[0][1](RECT, np.array([2])), outs[1][1](RECT, np.array([2])))
+    with_masks = ens.predict_batch(images, ["a", "b"])
+    assert [len(m) for m in with_masks[0].maskrcnn_mask_probs] == [1] * 6
+    np.testing.assert_array_equal(with_masks[1].maskrcnn[0].boxes, outs[1][0].maskrcnn[0].boxes)
+
+
 def test_iter_predictions_is_lazy(tmp_path):
     """A generator: the second file is not even read before the first prediction is consumed, so
     memory holds one batch, never the whole test set."""
@@ -123,8 +141,8 @@ def test_iter_predictions_is_lazy(tmp_path):
     Image.fromarray(asymmetric_image()).save(good)
     bad.write_bytes(b"not a png")
     it = iter_predictions(stub_ensemble(False), [good, bad], batch_size=1)
-    image, pred = next(it)
-    assert pred.image_id == "a" and image.shape == (40, 60)
+    image, pred, heads = next(it)
+    assert pred.image_id == "a" and image.shape == (40, 60) and heads is not None
     with pytest.raises(Exception, match="b.png"):
         next(it)
 

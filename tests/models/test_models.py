@@ -139,6 +139,23 @@ def test_maskrcnn_masks_for_boxes_reproduces_its_own_mask_probs(trained, tiny_ba
     assert [e.shape for e in empty] == [(0, 28, 28)] * 2
 
 
+def test_maskrcnn_detect_without_masks_keeps_the_detections(trained, tiny_batch):
+    """``detect(masks=False)`` (the ensemble's pass: it masks its fused boxes later) gives the same
+    boxes, scores and labels, no masks, and features that reproduce the mask head's output."""
+    model, _, (images, _) = trained("maskrcnn", tiny_batch)
+    with torch.no_grad():
+        full = model(images)
+        dets, features = model.detect(images, masks=False)
+        later = model.masks_for_boxes(images, [d["boxes"] for d in dets], [d["labels"] for d in dets],
+                                      features=features)
+    assert sum(len(d["boxes"]) for d in dets) > 0
+    for f, d, m in zip(full, dets, later):
+        assert "mask_probs" not in d
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(f[key], d[key]), key
+        assert torch.allclose(f["mask_probs"], m, atol=1e-5)
+
+
 def test_maskrcnn_v2_heads_build_and_train(tiny_batch):
     model = tiny_model("maskrcnn", "maskrcnn.v2_head=true", "maskrcnn.min_size=64",
                        "maskrcnn.max_size=64").train()

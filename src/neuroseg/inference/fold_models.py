@@ -88,9 +88,17 @@ class FoldEnsemble:
             return model(x)
 
     # ---- predictions ----
-    @torch.no_grad()
     def predict_batch(self, images: Sequence[np.ndarray], image_ids: Sequence[str]) -> list[ImagePredictions]:
         """Same-size uint8 ``(H, W)`` images -> one :class:`ImagePredictions` each."""
+        return [pred for pred, _ in self.predict_with_heads(images, image_ids)]
+
+    @torch.no_grad()
+    def predict_with_heads(self, images: Sequence[np.ndarray], image_ids: Sequence[str], masks: bool = True
+                           ) -> list[tuple[ImagePredictions, "MaskHeads | None"]]:
+        """``predict_batch``, each image's predictions with its :class:`MaskHeads` (None without
+        Mask R-CNN) already holding the FPN features of this pass: asking it for masks of new boxes
+        costs the mask head only. ``masks=False`` leaves ``maskrcnn_mask_probs`` empty (the
+        detection pass skips the mask head): for the ensemble, which masks its fused boxes."""
         shapes = {im.shape for im in images}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise ValueError(f"predict_batch needs 2-D images of one size, got shapes {sorted(shapes)}")
@@ -100,20 +108,29 @@ class FoldEnsemble:
         preds = [ImagePredictions(image_id=str(i), height=H, width=W, yolox=[], maskrcnn=[],
                                   maskrcnn_mask_probs=[], upernet_probs=None, upernet_cell_type_probs=None)
                  for i in image_ids]
+        features: list[list[tuple]] = [[] for _ in range(b)]  # per image: one entry per Mask R-CNN fold
         for name in ("yolox", "maskrcnn"):
             for model in self.models.get(name, []):
-                outs = self._forward(model, x)
+                if name == "maskrcnn":
+                    with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                        outs, (image_list, feats) = model.detect(x, masks=masks)
+                    for i in range(b):
+                        features[i].append(_views_of(image_list, feats, i, b, len(self.views)))
+                else:
+                    outs = self._forward(model, x)
                 for k, view in enumerate(self.views):
                     for i in range(b):
                         o = outs[k * b + i]
                         raw = {"boxes": tta.flip_boxes(o["boxes"].float(), view, *hw),
                                "scores": o["scores"], "labels": o["labels"]}
-                        if name == "maskrcnn":
+                        if "mask_probs" in o:
                             raw["mask_probs"] = tta.flip_box_masks(o["mask_probs"], o["boxes"], view)
-                        p = oof_cache.to_original(name, raw, hw, (H, W))
+                        # boxes without masks map back (and validate) as a box detector's do
+                        p = oof_cache.to_original(name if "mask_probs" in raw else "yolox",
+                                                  raw, hw, (H, W))
                         boxset = BoxSet(p["boxes"], p["scores"], p["labels"])
                         getattr(preds[i], name).append(boxset)
-                        if name == "maskrcnn":
+                        if "mask_probs" in p:
                             preds[i].maskrcnn_mask_probs.append(p["mask_probs"].astype(np.float32))
         if "upernet" in self.models:
             probs = torch.zeros((b, 3, *hw), device=self.device)
@@ -130,7 +147,10 @@ class FoldEnsemble:
                                     hw, (H, W))
                 preds[i].upernet_probs = p["probs"].astype(np.float32)
                 preds[i].upernet_cell_type_probs = p["cell_type_probs"]
-        return preds
+        n_views = len(self.views)
+        heads = [MaskHeads(self, im, x[[k * b + i for k in range(n_views)]], features[i])
+                 if "maskrcnn" in self.models else None for i, im in enumerate(images)]
+        return list(zip(preds, heads))
 
     def predict_image(self, image: np.ndarray, image_id: str = "image") -> ImagePredictions:
         return self.predict_batch([image], [image_id])[0]
@@ -154,24 +174,35 @@ def image_files(folder: str | Path, suffixes: Sequence[str] = (".png",)) -> list
     return files
 
 
-def iter_predictions(ensemble: FoldEnsemble, image_paths: Sequence[Path], batch_size: int = 1
-                     ) -> Iterator[tuple[np.ndarray, ImagePredictions]]:
-    """Yield ``(image uint8, predictions)`` per path, in order, reading ``batch_size`` images at a
-    time (consecutive images of one size share a forward pass)."""
+def iter_predictions(ensemble: FoldEnsemble, image_paths: Sequence[Path], batch_size: int = 1, masks: bool = True
+                     ) -> Iterator[tuple[np.ndarray, ImagePredictions, "MaskHeads | None"]]:
+    """Yield ``(image uint8, predictions, mask heads)`` per path, in order, reading ``batch_size``
+    images at a time (consecutive images of one size share a forward pass); ``masks`` as in
+    ``FoldEnsemble.predict_with_heads``."""
     from neuroseg.data.records import load_image
 
     batch_size = max(1, int(batch_size))
     for start in range(0, len(image_paths), batch_size):
         chunk = [load_image(p) for p in image_paths[start:start + batch_size]]
         ids = [p.stem for p in image_paths[start:start + batch_size]]
-        results: list[ImagePredictions | None] = [None] * len(chunk)
+        results: list[tuple | None] = [None] * len(chunk)
         for shape in dict.fromkeys(im.shape for im in chunk):
             idx = [k for k, im in enumerate(chunk) if im.shape == shape]
-            preds = ensemble.predict_batch([chunk[k] for k in idx], [ids[k] for k in idx])
-            for k, pred in zip(idx, preds):
-                results[k] = pred
-        for image, pred in zip(chunk, results):
-            yield image, pred
+            outs = ensemble.predict_with_heads([chunk[k] for k in idx], [ids[k] for k in idx], masks)
+            for k, out in zip(idx, outs):
+                results[k] = out
+        for image, (pred, heads) in zip(chunk, results):
+            yield image, pred, heads
+
+
+def _views_of(image_list, features: dict, i: int, b: int, n_views: int) -> tuple:
+    """Image ``i``'s TTA views out of a view-major batch of ``b`` images: its slice of a Mask
+    R-CNN ``box_features`` result, as ``MaskHeads`` keeps it."""
+    from torchvision.models.detection.image_list import ImageList
+
+    idx = [k * b + i for k in range(n_views)]
+    return (ImageList(image_list.tensors[idx], [image_list.image_sizes[j] for j in idx]),
+            type(features)((key, v[idx]) for key, v in features.items()))
 
 
 class MaskHeads:
@@ -180,10 +211,15 @@ class MaskHeads:
     hold), so a caller asking for new boxes again and again -- the ensemble's tuning, once per
     box-fusion setting -- pays for the mask head on the new boxes only."""
 
-    def __init__(self, folds: FoldEnsemble, image: np.ndarray) -> None:
+    def __init__(self, folds: FoldEnsemble, image: np.ndarray, views: torch.Tensor | None = None,
+                 features: list[tuple] | None = None) -> None:
+        """``views`` and ``features``: the image's input views and each fold model's
+        ``box_features`` of them, when a detection pass already computed them."""
         self.folds, self.image = folds, image
-        self._x: torch.Tensor | None = None  # built on first call: the ensemble may need no masks at all
-        self._features: list[tuple] = []  # per fold model
+        self._x: torch.Tensor | None = views  # built on first call: the ensemble may need no masks at all
+        self._features: list[tuple] = list(features or [])  # per fold model
+        if (views is None) != (not self._features):
+            raise ValueError("MaskHeads: pass both views and features, or neither")
 
     @property
     def nbytes(self) -> int:

@@ -57,10 +57,11 @@ def segment(images: Sequence[Path], folds: FoldEnsemble, params: fusion.Ensemble
     """Yield ``(path, image uint8, fused result)`` per image, in order; memory holds one batch."""
     from neuroseg.utils.progress import Progress
 
-    stream = zip(images, iter_predictions(folds, images, batch_size))
-    for path, (image, pred) in Progress(stream, "predict", total=len(images), unit="img", enabled=progress):
-        # the mask heads run lazily, only on the boxes the ensemble keeps
-        mask_fn = folds.mask_fn(image) if "maskrcnn" in folds.models else None
+    # the ensemble runs the mask heads on the boxes it keeps (reusing the detection pass's
+    # features); Mask R-CNN alone paints the masks of its own detections
+    stream = zip(images, iter_predictions(folds, images, batch_size, masks=only is not None))
+    for path, (image, pred, mask_fn) in Progress(stream, "predict", total=len(images), unit="img",
+                                                 enabled=progress):
         if only is None:
             result = fusion.fuse(fusion.add_image_vote(pred, image, params), params, mask_fn)
         else:

@@ -138,13 +138,30 @@ class MaskRCNNModel(NeurosegModel):
         return image_list, self.net.backbone(image_list.tensors)
 
     def _detect(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        return self.detect(images)[0]
+
+    def detect(self, images: torch.Tensor, masks: bool = True) -> tuple[list[dict[str, torch.Tensor]], tuple]:
+        """Eval detections of ``images`` and the ``box_features`` they came from (for later
+        ``masks_for_boxes`` calls). ``masks=False`` skips the mask head: the ensemble reruns it
+        on its fused boxes anyway, and on ~1000 detections it is most of a detection pass."""
         size = list(images.shape[-2:])
         image_list, features = self.box_features(images)
         proposals, _ = self.net.rpn(image_list, features)
-        dets, _ = self.net.roi_heads(features, proposals, image_list.image_sizes)
-        return [{"boxes": resize_boxes(d["boxes"], list(s), size), "scores": d["scores"],
-                 "labels": d["labels"], "mask_probs": d["masks"][:, 0]}
-                for d, s in zip(dets, image_list.image_sizes)]
+        rh = self.net.roi_heads
+        if masks:
+            dets, _ = rh(features, proposals, image_list.image_sizes)
+        else:  # RoIHeads.forward's eval path up to (not into) the mask branch
+            x = rh.box_head(rh.box_roi_pool(features, proposals, image_list.image_sizes))
+            boxes, scores, labels = rh.postprocess_detections(*rh.box_predictor(x), proposals,
+                                                              image_list.image_sizes)
+            dets = [{"boxes": b, "scores": sc, "labels": lab} for b, sc, lab in zip(boxes, scores, labels)]
+        out = []
+        for d, s in zip(dets, image_list.image_sizes):
+            o = {"boxes": resize_boxes(d["boxes"], list(s), size), "scores": d["scores"], "labels": d["labels"]}
+            if masks:
+                o["mask_probs"] = d["masks"][:, 0]
+            out.append(o)
+        return out, (image_list, features)
 
     def masks_for_boxes(self, images: torch.Tensor, boxes: list[torch.Tensor],
                         labels: list[torch.Tensor], features: tuple | None = None) -> list[torch.Tensor]:
