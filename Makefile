@@ -37,11 +37,15 @@ ensemble: venv
 submission: preprocess yolox maskrcnn upernet ensemble
 	$(call RUN,06_make_submission.py)
 
-$(DEMO_DATA)/train.csv: | venv
-	$(PY) -m neuroseg synth $(DEMO_DATA) --images 24 --test-images 3 --seed 0
+# test_truth.csv: the synthetic test images' labels, which 01-06 never read (a dataset written
+# before it existed is rewritten)
+$(DEMO_DATA)/test_truth.csv: | venv
+	$(PY) -m neuroseg synth $(DEMO_DATA) --images 24 --test-images 3 --seed 0 --overwrite
 
-demo: venv $(DEMO_DATA)/train.csv
+# ends with the out-of-sample score: the submission against the test images' labels
+demo: venv $(DEMO_DATA)/test_truth.csv
 	$(MAKE) submission CONFIG=configs/demo.yaml DATA_DIR=$(DEMO_DATA)
+	$(PY) -m neuroseg score $(DEMO_DATA)/test_truth.csv $(or $(NEUROSEG_OUTPUT_DIR),output)/submission.csv
 
 # Round 1 of pseudo-labelling (configs/kaggle.yaml has `pseudo` on): train and tune without
 # pseudo-labels, then label train_semi_supervised/; `make submission` is round 2.

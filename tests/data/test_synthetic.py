@@ -41,7 +41,7 @@ def train(dataset: Path) -> pd.DataFrame:
 
 def test_layout_is_kaggle(dataset: Path, train: pd.DataFrame):
     assert sorted(p.name for p in dataset.iterdir()) == [
-        "sample_submission.csv", "test", "train", "train.csv", "train_semi_supervised"]
+        "sample_submission.csv", "test", "test_truth.csv", "train", "train.csv", "train_semi_supervised"]
     assert (dataset / "train.csv").read_text().splitlines()[0] == ",".join(COLUMNS)
     assert list(train.columns) == COLUMNS
     ids = sorted(train.id.unique())
@@ -81,6 +81,27 @@ def test_test_split_and_sample_submission(dataset: Path, train: pd.DataFrame):
     assert not set(test_ids) & set(train.id)
 
 
+def test_test_truth_holds_the_test_images_masks(dataset: Path, train: pd.DataFrame):
+    """test_truth.csv (what `make demo` scores its submission against) is train.csv's format for
+    exactly the test images: test image i of seed 7 is synth_image on the (seed 7, test split, i)
+    stream, and its rows decode to that image's masks."""
+    truth = pd.read_csv(dataset / "test_truth.csv", dtype=str, keep_default_na=False)
+    assert list(truth.columns) == COLUMNS
+    pngs = {p.stem: cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in (dataset / "test").glob("*.png")}
+    assert sorted(truth.id.unique()) == sorted(pngs) and not set(truth.id) & set(train.id)
+    found = 0
+    for i in range(2):
+        for cell_type in CELL_TYPES:
+            image, masks = synth_image(cell_type, _image_rng(7, 2, i), H, W)
+            for image_id in [k for k, png in pngs.items() if np.array_equal(png, image)]:
+                rows = truth[truth.id == image_id]
+                assert set(rows.cell_type) == {cell_type} and len(rows) == len(masks) > 0
+                for annotation, mask in zip(rows.annotation, masks, strict=True):
+                    assert np.array_equal(rle.decode(annotation, (H, W)), mask)
+                found += 1
+    assert found == 2
+
+
 def test_every_rle_decodes_inside_its_image(dataset: Path, train: pd.DataFrame):
     for row in train.itertuples():
         shape = (int(row.height), int(row.width))
@@ -109,7 +130,7 @@ def test_same_seed_is_byte_identical_and_another_seed_differs(tmp_path: Path, da
     first, again, other = _files(dataset), _files(tmp_path / "again"), _files(tmp_path / "other")
     assert first == again
     assert first["train.csv"] != other["train.csv"]
-    assert not set(first) & set(other) - {"train.csv", "sample_submission.csv"}  # new ids
+    assert not set(first) & set(other) - {"train.csv", "sample_submission.csv", "test_truth.csv"}  # new ids
 
 
 def _max_count(cell_type: str, height: int, width: int) -> int:

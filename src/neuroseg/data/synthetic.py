@@ -39,6 +39,9 @@ FULL_H, FULL_W = 520, 704
 CSV_COLUMNS = ("id", "annotation", "width", "height", "cell_type", "plate_time", "sample_date",
                "sample_id", "elapsed_timedelta")
 SAMPLE_PREFIX = {"shsy5y": "shsy5y[diff]", "astro": "astros[hippo]", "cort": "cort[pre-treat]"}
+# the labels of the test images, in train.csv's format: what `make demo` scores its submission
+# against (out-of-sample: 01-06 read train.csv, train/ and test/ only)
+TEST_TRUTH = "test_truth.csv"
 MIN_AREA = 30  # the smallest real annotation is 31 px
 
 Crop = tuple[int, int, np.ndarray]  # (y0, x0, bool mask of the bounding box)
@@ -332,6 +335,7 @@ def _fill(root: Path, n_images: int, seed: int, n_test: int, height: int, width:
               "test": (2, test_ids, _balanced_types(layout, n_test)),
               "train_semi_supervised": (3, ids[n_images + n_test:], _balanced_types(layout, n_semi))}
     rows: list[tuple[str, ...]] = []
+    test_rows: list[tuple[str, ...]] = []  # the test images' labels: test_truth.csv, which 01-06 never read
     per_type = {t: {"images": 0, "instances": 0} for t in CELL_TYPES}
     for folder, (split, split_ids, types) in splits.items():
         (root / folder).mkdir()
@@ -343,10 +347,14 @@ def _fill(root: Path, n_images: int, seed: int, n_test: int, height: int, width:
                 per_type[cell_type]["instances"] += len(crops)
                 rows += [(image_id, _crop_rle(c, width), str(width), str(height), cell_type, *meta[i])
                          for c in crops]
-    rows.sort(key=lambda r: r[0])  # grouped by image, ids ascending, as Kaggle's file is
-    # no field contains a comma or quote (RLE digits, ids, "shsy5y[diff]_A10_4", dates): plain join
-    lines = [",".join(CSV_COLUMNS)] + [",".join(r) for r in rows]
-    (root / "train.csv").write_text("\n".join(lines) + "\n")
+            elif folder == "test":
+                test_rows += [(image_id, _crop_rle(c, width), str(width), str(height), cell_type, "", "", "", "")
+                              for c in crops]
+    for name, table in (("train.csv", rows), (TEST_TRUTH, test_rows)):
+        table.sort(key=lambda r: r[0])  # grouped by image, ids ascending, as Kaggle's file is
+        # no field contains a comma or quote (RLE digits, ids, "shsy5y[diff]_A10_4", dates): plain join
+        lines = [",".join(CSV_COLUMNS)] + [",".join(r) for r in table]
+        (root / name).write_text("\n".join(lines) + "\n")
     sub = ["id,predicted"] + [f"{i}," for i in sorted(test_ids)]
     (root / "sample_submission.csv").write_text("\n".join(sub) + "\n")
     return {"n_train": n_images, "n_test": n_test, "n_semi_supervised": n_semi,
@@ -357,7 +365,8 @@ def _fill(root: Path, n_images: int, seed: int, n_test: int, height: int, width:
 def write_dataset(out_dir: str | Path, n_images: int, seed: int, n_test: int = 3,
                   height: int = FULL_H, width: int = FULL_W, overwrite: bool = False) -> dict:
     """Write ``train.csv``, ``train/``, ``test/``, ``train_semi_supervised/`` (``n_images // 4``
-    unlabelled PNGs) and ``sample_submission.csv`` under ``out_dir``; return a summary dict.
+    unlabelled PNGs), ``sample_submission.csv`` and the test images' labels ``test_truth.csv``
+    under ``out_dir``; return a summary dict.
 
     The folder is built beside ``out_dir`` and renamed into place, so a killed run leaves no half
     dataset (stronger than per-file atomic writes). ``out_dir`` must be absent or empty, unless
