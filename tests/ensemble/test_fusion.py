@@ -11,7 +11,7 @@ import torch
 from ensemble_toys import CELLS, H, W, boxset, ellipse_in, ellipse_mask_fn, image_pred, type_probs
 
 from neuroseg.config import CELL_TYPES
-from neuroseg.ensemble.fusion import fuse, single_model, type_votes, vote_cell_type
+from neuroseg.ensemble.fusion import cell_type_distribution, fuse, single_model, type_votes, vote_cell_type
 from neuroseg.ensemble.params import EnsembleParams, TypeParams
 from neuroseg.evaluation.metric import image_score, iou_matrix
 from neuroseg.structures.box_masks import paste_masks
@@ -107,6 +107,20 @@ def test_the_image_classifier_votes_when_params_carry_one():
     params.vote_weights["image"] = 4.0
     assert fuse(pred, params, ellipse_mask_fn()).cell_type == "cort"  # ... unless it weighs more
     assert single_model(pred, "upernet", params).cell_type == "astro"  # a model alone keeps its own vote
+
+
+def test_cell_type_probability_is_the_normalised_weighted_vote():
+    votes = {"maskrcnn": np.array([0.0, 1.0, 0.0]), "upernet": np.array([0.5, 0.5, 0.0])}
+    # (1 x (0, 1, 0) + 2 x (0.5, 0.5, 0)) / 3
+    np.testing.assert_allclose(cell_type_distribution(votes, {"maskrcnn": 1.0, "upernet": 2.0}), [1 / 3, 2 / 3, 0])
+    np.testing.assert_allclose(cell_type_distribution(votes, {}), [1 / 3] * 3)  # no weight: uniform
+    pred = image_pred("a", "astro")
+    result = fuse(pred, EnsembleParams.defaults(), ellipse_mask_fn())
+    want = cell_type_distribution(type_votes(pred), EnsembleParams.defaults().vote_weights)
+    assert result.cell_type == "astro" and result.cell_type_prob == pytest.approx(want[CELL_TYPES.index("astro")])
+    assert 0.5 < result.cell_type_prob <= 1.0
+    alone = single_model(pred, "upernet", EnsembleParams.defaults())
+    assert alone.cell_type_prob == pytest.approx(type_votes(pred)["upernet"][CELL_TYPES.index(alone.cell_type)])
 
 
 def test_per_type_parameters_follow_the_voted_type():

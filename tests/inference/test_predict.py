@@ -8,13 +8,16 @@ engine saves them.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 from predict_stubs import StubDetector, StubSegmenter, asymmetric_image, bright_box, save_untrained_fold_models
 
+from neuroseg.config import CELL_TYPES
 from neuroseg.inference import tta
 from neuroseg.inference.fold_models import FoldEnsemble, iter_predictions, load_fold_models
+from neuroseg.inference.measurements import MEASUREMENT_COLUMNS
 from neuroseg.paths import Paths
 
 # asymmetric_image's bright rectangle in original pixels, xyxy edges
@@ -300,16 +303,57 @@ def test_predict_cli_mixed_png_and_tiff(trained, tmp_path):
     (src / "notes.txt").write_text("ignored")
     out = tmp_path / "pred"
     argv = ["predict", str(src), "--out", str(out), "--output-dir", str(trained.output_dir),
-            *[a for o in TINY for a in ("--set", o)]]
+            *[a for o in TINY for a in ("--set", o)], "--pixel-size", "0.5"]
     assert main(argv) == 0
     assert sorted(read_rows(out / "predictions.csv")) == ["a", "b"]
+    cells = pd.read_csv(out / "measurements.csv", dtype={"image": str})
+    summary = pd.read_csv(out / "summary.csv", dtype={"image": str}).set_index("image")
+    assert tuple(cells.columns[:len(MEASUREMENT_COLUMNS)]) == MEASUREMENT_COLUMNS and "area_um2" in cells
+    assert list(summary.index) == ["a", "b"]
     for stem, shape in (("a", (32, 40)), ("b", (36, 44))):
         label = np.array(Image.open(out / "labels" / f"{stem}.png"))
         assert label.shape == shape and label.dtype == np.uint16
         overlay = np.array(Image.open(out / "overlays" / f"{stem}.png"))
         assert overlay.shape == (*shape, 3)
+        mine = cells[cells.image == stem]  # one row per cell of the label image, its area in px and µm²
+        assert sorted(mine.label) == sorted(set(np.unique(label)) - {0})
+        assert [int((label == k).sum()) for k in mine.label] == list(mine.area_px)
+        np.testing.assert_allclose(mine.area_um2.to_numpy(float), mine.area_px.to_numpy(float) * 0.25)
+        assert summary.loc[stem, "cell_count"] == len(mine)
+        assert summary.loc[stem, "covered_fraction"] == pytest.approx((label > 0).mean())
+        assert summary.loc[stem, "cell_type"] in CELL_TYPES and 0 < summary.loc[stem, "cell_type_prob"] <= 1
+    with pytest.raises(SystemExit):  # argparse's usage error, exit 2
+        main(argv[:-2] + ["--pixel-size", "-1"])
     assert main(["predict", str(tmp_path / "missing"), "--out", str(out),
                  "--output-dir", str(trained.output_dir)]) == 2
+
+
+def test_predict_folder_measures_every_cell(tmp_path):
+    """The stub models find the bright rectangle (rows 4-11, cols 20-35) of each image: its row in
+    measurements.csv has the rectangle's area, centroid and box; summary.csv counts it."""
+    from neuroseg.ensemble.fusion import EnsembleParams
+    from neuroseg.inference.predict import predict_folder
+
+    src = tmp_path / "images"
+    src.mkdir()
+    files = [src / "a.png", src / "b.png"]
+    Image.fromarray(asymmetric_image()).save(files[0])
+    Image.fromarray(np.roll(asymmetric_image(), 10, axis=1)).save(files[1])
+    out = tmp_path / "out"
+    assert predict_folder(files, stub_ensemble(False, scale=1.0), EnsembleParams.defaults(), out, pixel_size=2.0) == 2
+    cells = pd.read_csv(out / "measurements.csv", dtype={"image": str})
+    assert list(cells.image) == ["a", "b"] and list(cells.label) == [1, 1]
+    for row, shift in zip(cells.itertuples(), (0, 10)):
+        label = np.array(Image.open(out / "labels" / f"{row.image}.png"))
+        ys, xs = np.nonzero(label == 1)
+        assert row.area_px == len(ys) > 0.8 * 8 * 16  # the 8 x 16 rectangle, give or take its edge
+        assert (row.bbox_min_row, row.bbox_min_col, row.bbox_max_row, row.bbox_max_col) == (
+            ys.min(), xs.min(), ys.max() + 1, xs.max() + 1)
+        assert abs(row.centroid_row_px - 7.5) < 1 and abs(row.centroid_col_px - (27.5 + shift)) < 1
+        assert row.area_um2 == row.area_px * 4 and row.score > 0
+    assert (out / "measurements" / "a.csv").is_file()
+    summary = pd.read_csv(out / "summary.csv", dtype={"image": str})
+    assert list(summary.cell_count) == [1, 1] and list(summary.mean_area_px) == list(cells.area_px)
 
 
 def test_predict_cli_refuses_two_images_with_one_name(tmp_path, capsys):

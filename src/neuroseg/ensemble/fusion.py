@@ -51,6 +51,7 @@ class FusedResult:
     label: np.ndarray  # (H, W) int32, 0 = background, k = instance k
     scores: np.ndarray  # (K,) float32, scores[k-1] of instance k
     cell_type: str
+    cell_type_prob: float = float("nan")  # the vote's share for cell_type (cell_type_distribution)
 
 
 # ---- 1. cell type ----
@@ -82,12 +83,19 @@ def add_image_vote(pred: ImagePredictions, image: np.ndarray, params: EnsemblePa
     return pred
 
 
-def vote_cell_type(votes: dict[str, np.ndarray], weights: dict[str, float]) -> str:
-    """Weighted sum of the votes, argmax; ties go to the earlier type in ``CELL_TYPES``."""
+def cell_type_distribution(votes: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+    """The weighted sum of the votes, normalised to a distribution over ``CELL_TYPES`` (uniform
+    when no vote has weight): what ``predict`` reports as the image's cell-type probability."""
     total = np.zeros(len(CELL_TYPES))
     for model, v in votes.items():
-        total += weights.get(model, 0.0) * v
-    return CELL_TYPES[int(np.argmax(total))]
+        total += weights.get(model, 0.0) * np.asarray(v, dtype=np.float64)
+    mass = total.sum()
+    return total / mass if mass > 0 else np.full(len(CELL_TYPES), 1.0 / len(CELL_TYPES))
+
+
+def vote_cell_type(votes: dict[str, np.ndarray], weights: dict[str, float]) -> str:
+    """Weighted sum of the votes, argmax; ties go to the earlier type in ``CELL_TYPES``."""
+    return CELL_TYPES[int(np.argmax(cell_type_distribution(votes, weights)))]
 
 
 # ---- 2. boxes ----
@@ -280,7 +288,9 @@ def fuse(pred: ImagePredictions, params: EnsembleParams, mask_fn: MaskFn | None 
     predictions it is UPerNet alone; with both detectors weighted 0 for the image's type, only
     UPerNet's instances as candidates; without ``mask_fn`` the masks come from UPerNet inside the
     fused boxes."""
-    cell_type = vote_cell_type(type_votes(pred), params.vote_weights)
+    dist = cell_type_distribution(type_votes(pred), params.vote_weights)
+    cell_type = CELL_TYPES[int(np.argmax(dist))]
+    prob = float(dist[CELL_TYPES.index(cell_type)])
     tp = params.ensemble[cell_type]
     if not any(getattr(pred, m) for m in BOX_MODELS):  # no detector ran: UPerNet alone
         if pred.upernet_probs is None:
@@ -293,7 +303,7 @@ def fuse(pred: ImagePredictions, params: EnsembleParams, mask_fn: MaskFn | None 
         c = Candidates.empty()
     label, scores = resolve(c, tp.upernet_weight, tp.mask_threshold, tp.min_area, tp.score_threshold, pred.shape,
                             max_overlap=tp.max_overlap, extra=extra)
-    return FusedResult(label, scores, cell_type)
+    return FusedResult(label, scores, cell_type, prob)
 
 
 def maskrcnn_alone(boxes: np.ndarray, scores: np.ndarray, mask_probs: np.ndarray, mp: MaskRCNNParams,
@@ -326,15 +336,17 @@ def single_model(pred: ImagePredictions, model: str, params: EnsembleParams,
     votes = type_votes(pred)
     if model not in votes:
         raise ValueError(f"image {pred.image_id}: no {model} predictions")
-    cell_type = vote_cell_type({model: votes[model]}, {model: 1.0})
+    dist = cell_type_distribution({model: votes[model]}, {model: 1.0})
+    cell_type = CELL_TYPES[int(np.argmax(dist))]
+    prob = float(dist[CELL_TYPES.index(cell_type)])
     if model == "upernet":
         label, scores = upernet_alone(pred.upernet_probs, params.upernet[cell_type])
-        return FusedResult(label, scores, cell_type)
+        return FusedResult(label, scores, cell_type, prob)
     mp = params.maskrcnn[cell_type]
     if len(pred.maskrcnn) == 1:
         p = pred.maskrcnn[0]
         label, scores = maskrcnn_alone(p.boxes, p.scores, pred.maskrcnn_mask_probs[0], mp, pred.shape)
-        return FusedResult(label, scores, cell_type)
+        return FusedResult(label, scores, cell_type, prob)
     if mask_fn is None:
         raise ValueError(f"image {pred.image_id}: {len(pred.maskrcnn)} Mask R-CNN passes need a mask_fn "
                          f"to mask their fused boxes")
@@ -342,4 +354,4 @@ def single_model(pred: ImagePredictions, model: str, params: EnsembleParams,
     boxes, scores = fuse_boxes(pred, tp)
     labels = np.full(len(boxes), CELL_TYPES.index(cell_type) + 1, dtype=np.int64)
     label, scores = maskrcnn_alone(boxes, scores, mask_fn(boxes, labels), mp, pred.shape)
-    return FusedResult(label, scores, cell_type)
+    return FusedResult(label, scores, cell_type, prob)

@@ -21,8 +21,9 @@ import numpy as np
 from neuroseg.config import Config
 from neuroseg.ensemble import fusion
 from neuroseg.inference.fold_models import FoldEnsemble, image_files, iter_predictions
+from neuroseg.inference.measurements import SUMMARY_COLUMNS, cell_measurements, image_summary
 from neuroseg.paths import Paths
-from neuroseg.utils.atomic_io import atomic_path, read_json
+from neuroseg.utils.atomic_io import atomic_path, atomic_write_csv, read_json
 
 log = logging.getLogger("neuroseg")
 
@@ -90,20 +91,23 @@ def write_outputs(out_dir: Path, stem: str, image: np.ndarray, label: np.ndarray
 
 def cli_predict(argv: list[str] | None = None) -> int:
     from neuroseg import config as config_mod
-    from neuroseg.structures.label_image import label_to_rles
-    from neuroseg.structures.submission_csv import write_submission
     from neuroseg.utils.logging import setup_logging
 
     p = argparse.ArgumentParser(prog="python -m neuroseg predict",
                                 description="Segment a folder of PNG/TIFF images (any size) with the "
                                             "trained fold models and the tuned ensemble.")
     p.add_argument("images_dir", help=f"folder of {'/'.join(IMAGE_SUFFIXES)} images")
-    p.add_argument("--out", required=True, help="writes predictions.csv, labels/*.png, overlays/*.png")
+    p.add_argument("--out", required=True, help="writes predictions.csv, measurements.csv (one row per cell), "
+                                                "summary.csv (per image), labels/*.png, overlays/*.png")
     p.add_argument("--config", default=None, help="the YAML config the models were trained with")
     p.add_argument("--output-dir", default=None, help="where the checkpoints and ensemble params are")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--only", choices=SINGLE_MODELS, default=None, help="one model instead of the ensemble")
+    p.add_argument("--pixel-size", type=float, default=None, metavar="UM",
+                   help="µm per pixel: measurements also in µm and µm²")
     args = p.parse_args(argv)
+    if args.pixel_size is not None and not args.pixel_size > 0:
+        p.error(f"--pixel-size must be > 0 µm, got {args.pixel_size}")
     setup_logging()
     try:
         cfg = config_mod.load(args.config, args.overrides)
@@ -118,17 +122,44 @@ def cli_predict(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out_dir = Path(args.out)
+    n = predict_folder(images, folds, params, Path(args.out), args.only, cfg.submission.batch_size, args.pixel_size)
+    log.info("predict: %d images, %d instances -> %s: predictions.csv, measurements.csv, summary.csv, labels/, "
+             "overlays/", len(images), n, args.out)
+    return 0
+
+
+def predict_folder(images: Sequence[Path], folds: FoldEnsemble, params: fusion.EnsembleParams, out_dir: Path,
+                   only: str | None = None, batch_size: int = 1, pixel_size: float | None = None) -> int:
+    """Segment ``images`` into ``out_dir``: per image its label PNG, overlay and
+    ``measurements/<stem>.csv`` as soon as it is done, then predictions.csv (RLE),
+    measurements.csv (every cell) and summary.csv (every image). Returns the number of cells."""
+    import pandas as pd
+
+    from neuroseg.structures.label_image import label_to_rles
+    from neuroseg.structures.submission_csv import write_submission
+
     n = 0
+    summaries: list[dict] = []
 
     def rows() -> Iterator[tuple[str, list[str]]]:
         nonlocal n
-        for path, image, result in segment(images, folds, params, args.only, cfg.submission.batch_size):
+        for path, image, result in segment(images, folds, params, only, batch_size):
             write_outputs(out_dir, path.stem, image, result.label)
+            write_measurements(out_dir, path.stem, result, pixel_size)
+            summaries.append(image_summary(result.label, path.stem, result.cell_type, result.cell_type_prob))
             n += int(result.label.max(initial=0))
             yield path.stem, label_to_rles(result.label)
 
-    csv_path = write_submission(rows(), out_dir / "predictions.csv")
-    log.info("predict: %d images, %d instances -> %s, %s/, %s/", len(images), n, csv_path,
-             out_dir / "labels", out_dir / "overlays")
-    return 0
+    write_submission(rows(), out_dir / "predictions.csv")
+    tables = [pd.read_csv(out_dir / "measurements" / f"{p.stem}.csv", dtype={"image": str}) for p in images]
+    atomic_write_csv(out_dir / "measurements.csv", pd.concat(tables, ignore_index=True))
+    atomic_write_csv(out_dir / "summary.csv", pd.DataFrame(summaries, columns=list(SUMMARY_COLUMNS)))
+    return n
+
+
+def write_measurements(out_dir: Path, stem: str, result: fusion.FusedResult, pixel_size: float | None) -> Path:
+    """``measurements/<stem>.csv``: the image's cells, one row each (``measurements.py``), written
+    atomically as soon as the image is done; 'predict' joins them into measurements.csv."""
+    table = cell_measurements(result.label, result.scores, stem, result.cell_type, result.cell_type_prob,
+                              pixel_size)
+    return atomic_write_csv(out_dir / "measurements" / f"{stem}.csv", table)

@@ -41,5 +41,12 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def atomic_write_csv(path: str | Path, table: Any, **to_csv: Any) -> Path:
+    """``table.to_csv`` (a pandas DataFrame) via a temporary file renamed into place."""
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False, **to_csv)
+    return Path(path)
+
+
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
