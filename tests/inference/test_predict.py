@@ -144,8 +144,8 @@ def test_iter_predictions_is_lazy(tmp_path):
     Image.fromarray(asymmetric_image()).save(good)
     bad.write_bytes(b"not a png")
     it = iter_predictions(stub_ensemble(False), [good, bad], batch_size=1)
-    image, pred, heads = next(it)
-    assert pred.image_id == "a" and image.shape == (40, 60) and heads is not None
+    path, image, pred, heads = next(it)
+    assert path == good and pred.image_id == "a" and image.shape == (40, 60) and heads is not None
     with pytest.raises(Exception, match="b.png"):
         next(it)
 
@@ -354,6 +354,54 @@ def test_predict_folder_measures_every_cell(tmp_path):
     assert (out / "measurements" / "a.csv").is_file()
     summary = pd.read_csv(out / "summary.csv", dtype={"image": str})
     assert list(summary.cell_count) == [1, 1] and list(summary.mean_area_px) == list(cells.area_px)
+
+
+def test_predict_folder_goes_on_past_unreadable_images(tmp_path):
+    """A truncated PNG and a 3-page TIFF between good images: the good ones are segmented and
+    written, the failures listed with the file and why."""
+    import tifffile
+
+    from neuroseg.ensemble.fusion import EnsembleParams
+    from neuroseg.inference.predict import predict_folder
+
+    src = tmp_path / "images"
+    src.mkdir()
+    Image.fromarray(asymmetric_image()).save(src / "a.png")
+    Image.fromarray(asymmetric_image()).save(src / "b.png")
+    (src / "b.png").write_bytes((src / "b.png").read_bytes()[:60])  # truncated
+    tifffile.imwrite(src / "c.tif", np.stack([asymmetric_image()] * 3), photometric="minisblack")  # 3 pages
+    Image.fromarray(asymmetric_image()).save(src / "d.png")
+    files = sorted(src.iterdir())
+    failures: list = []
+    out = tmp_path / "out"
+    assert predict_folder(files, stub_ensemble(False, scale=1.0), EnsembleParams.defaults(), out,
+                          batch_size=4, failures=failures) == 2
+    assert [p.name for p, _ in failures] == ["b.png", "c.tif"]
+    assert "unreadable" in failures[0][1] and "3-page" in failures[1][1]
+    assert sorted(read_rows(out / "predictions.csv")) == ["a", "d"]
+    assert sorted(p.stem for p in (out / "labels").iterdir()) == ["a", "d"]
+    assert list(pd.read_csv(out / "summary.csv").image) == ["a", "d"]
+    with pytest.raises(Exception, match="b.png"):  # without a failures list the first one stops the run
+        predict_folder(files, stub_ensemble(False, scale=1.0), EnsembleParams.defaults(), tmp_path / "o2")
+
+
+def test_predict_cli_exits_non_zero_naming_the_unreadable_files(trained, tmp_path, capsys):
+    import tifffile
+
+    from neuroseg.cli import main
+
+    src = tmp_path / "images"
+    src.mkdir()
+    Image.fromarray(asymmetric_image(32, 40)).save(src / "good.png")
+    (src / "cut.png").write_bytes((src / "good.png").read_bytes()[:50])
+    tifffile.imwrite(src / "stack.tif", np.stack([asymmetric_image(32, 40)] * 3), photometric="minisblack")
+    out = tmp_path / "pred"
+    argv = ["predict", str(src), "--out", str(out), "--output-dir", str(trained.output_dir),
+            *[a for o in TINY for a in ("--set", o)]]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "2 of 3 images" in err and "cut.png: " in err and "stack.tif: " in err and "3-page" in err
+    assert sorted(read_rows(out / "predictions.csv")) == ["good"] and (out / "labels" / "good.png").is_file()
 
 
 def test_predict_cli_refuses_two_images_with_one_name(tmp_path, capsys):

@@ -133,6 +133,10 @@ def load_image(path: str | Path) -> np.ndarray:
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
+            pages = getattr(im, "n_frames", 1)
+            if pages > 1:  # PIL would silently read the first page of a stack
+                raise DataError(f"{path}: {pages}-page image ({im.mode} {im.size[0]}x{im.size[1]} per page); "
+                                "expected one 2-D image")
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 # rescaling 16-bit/float data is a modelling decision; make the caller take it
                 raise DataError(f"{path}: {im.mode} image; expected 8-bit grayscale or colour")

@@ -174,25 +174,36 @@ def image_files(folder: str | Path, suffixes: Sequence[str] = (".png",)) -> list
     return files
 
 
-def iter_predictions(ensemble: FoldEnsemble, image_paths: Sequence[Path], batch_size: int = 1, masks: bool = True
-                     ) -> Iterator[tuple[np.ndarray, ImagePredictions, "MaskHeads | None"]]:
-    """Yield ``(image uint8, predictions, mask heads)`` per path, in order, reading ``batch_size``
-    images at a time (consecutive images of one size share a forward pass); ``masks`` as in
-    ``FoldEnsemble.predict_with_heads``."""
-    from neuroseg.data.records import load_image
+def iter_predictions(ensemble: FoldEnsemble, image_paths: Sequence[Path], batch_size: int = 1, masks: bool = True,
+                     failures: list[tuple[Path, str]] | None = None
+                     ) -> Iterator[tuple[Path, np.ndarray, ImagePredictions, "MaskHeads | None"]]:
+    """Yield ``(path, image uint8, predictions, mask heads)`` per readable path, in order, reading
+    ``batch_size`` images at a time (consecutive images of one size share a forward pass);
+    ``masks`` as in ``FoldEnsemble.predict_with_heads``. An unreadable image raises its
+    ``DataError``, or with a ``failures`` list is appended to it as ``(path, why)`` and skipped."""
+    from neuroseg.data.records import DataError, load_image
 
     batch_size = max(1, int(batch_size))
     for start in range(0, len(image_paths), batch_size):
-        chunk = [load_image(p) for p in image_paths[start:start + batch_size]]
-        ids = [p.stem for p in image_paths[start:start + batch_size]]
+        chunk, paths = [], []
+        for path in image_paths[start:start + batch_size]:
+            try:
+                chunk.append(load_image(path))
+                paths.append(path)
+            except (DataError, FileNotFoundError) as e:
+                if failures is None:
+                    raise
+                log.warning("skipped %s: %s", path, e)
+                failures.append((Path(path), str(e)))
+        ids = [p.stem for p in paths]
         results: list[tuple | None] = [None] * len(chunk)
         for shape in dict.fromkeys(im.shape for im in chunk):
             idx = [k for k, im in enumerate(chunk) if im.shape == shape]
             outs = ensemble.predict_with_heads([chunk[k] for k in idx], [ids[k] for k in idx], masks)
             for k, out in zip(idx, outs):
                 results[k] = out
-        for image, (pred, heads) in zip(chunk, results):
-            yield image, pred, heads
+        for path, image, (pred, heads) in zip(paths, chunk, results):
+            yield path, image, pred, heads
 
 
 def _views_of(image_list, features: dict, i: int, b: int, n_views: int) -> tuple:

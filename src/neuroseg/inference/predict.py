@@ -21,7 +21,7 @@ import numpy as np
 from neuroseg.config import Config
 from neuroseg.ensemble import fusion
 from neuroseg.inference.fold_models import FoldEnsemble, image_files, iter_predictions
-from neuroseg.inference.measurements import SUMMARY_COLUMNS, cell_measurements, image_summary
+from neuroseg.inference.measurements import MEASUREMENT_COLUMNS, SUMMARY_COLUMNS, cell_measurements, image_summary
 from neuroseg.paths import Paths
 from neuroseg.utils.atomic_io import atomic_path, atomic_write_csv, read_json
 
@@ -53,16 +53,16 @@ def models_needed(cfg: Config, only: str | None) -> tuple[str, ...]:
 
 
 def segment(images: Sequence[Path], folds: FoldEnsemble, params: fusion.EnsembleParams,
-            only: str | None = None, batch_size: int = 1, progress: bool = True
-            ) -> Iterator[tuple[Path, np.ndarray, fusion.FusedResult]]:
-    """Yield ``(path, image uint8, fused result)`` per image, in order; memory holds one batch."""
+            only: str | None = None, batch_size: int = 1, progress: bool = True,
+            failures: list[tuple[Path, str]] | None = None) -> Iterator[tuple[Path, np.ndarray, fusion.FusedResult]]:
+    """Yield ``(path, image uint8, fused result)`` per image, in order; memory holds one batch.
+    ``failures``: collect unreadable images there and go on (``iter_predictions``)."""
     from neuroseg.utils.progress import Progress
 
     # the ensemble runs the mask heads on the boxes it keeps (reusing the detection pass's
     # features); Mask R-CNN alone paints the masks of its own detections
-    stream = zip(images, iter_predictions(folds, images, batch_size, masks=only is not None))
-    for path, (image, pred, mask_fn) in Progress(stream, "predict", total=len(images), unit="img",
-                                                 enabled=progress):
+    stream = iter_predictions(folds, images, batch_size, masks=only is not None, failures=failures)
+    for path, image, pred, mask_fn in Progress(stream, "predict", total=len(images), unit="img", enabled=progress):
         if only is None:
             result = fusion.fuse(fusion.add_image_vote(pred, image, params), params, mask_fn)
         else:
@@ -122,17 +122,26 @@ def cli_predict(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    n = predict_folder(images, folds, params, Path(args.out), args.only, cfg.submission.batch_size, args.pixel_size)
+    failures: list[tuple[Path, str]] = []
+    n = predict_folder(images, folds, params, Path(args.out), args.only, cfg.submission.batch_size, args.pixel_size,
+                       failures)
     log.info("predict: %d images, %d instances -> %s: predictions.csv, measurements.csv, summary.csv, labels/, "
-             "overlays/", len(images), n, args.out)
+             "overlays/", len(images) - len(failures), n, args.out)
+    if failures:
+        print(f"error: {len(failures)} of {len(images)} images could not be read and were skipped:", file=sys.stderr)
+        for path, why in failures:
+            print(f"  {path}: {why}", file=sys.stderr)
+        return 1
     return 0
 
 
 def predict_folder(images: Sequence[Path], folds: FoldEnsemble, params: fusion.EnsembleParams, out_dir: Path,
-                   only: str | None = None, batch_size: int = 1, pixel_size: float | None = None) -> int:
+                   only: str | None = None, batch_size: int = 1, pixel_size: float | None = None,
+                   failures: list[tuple[Path, str]] | None = None) -> int:
     """Segment ``images`` into ``out_dir``: per image its label PNG, overlay and
     ``measurements/<stem>.csv`` as soon as it is done, then predictions.csv (RLE),
-    measurements.csv (every cell) and summary.csv (every image). Returns the number of cells."""
+    measurements.csv (every cell) and summary.csv (every image). Returns the number of cells.
+    With a ``failures`` list an unreadable image is recorded there and the others go on."""
     import pandas as pd
 
     from neuroseg.structures.label_image import label_to_rles
@@ -140,10 +149,12 @@ def predict_folder(images: Sequence[Path], folds: FoldEnsemble, params: fusion.E
 
     n = 0
     summaries: list[dict] = []
+    done: list[Path] = []
 
     def rows() -> Iterator[tuple[str, list[str]]]:
         nonlocal n
-        for path, image, result in segment(images, folds, params, only, batch_size):
+        for path, image, result in segment(images, folds, params, only, batch_size, failures=failures):
+            done.append(path)
             write_outputs(out_dir, path.stem, image, result.label)
             write_measurements(out_dir, path.stem, result, pixel_size)
             summaries.append(image_summary(result.label, path.stem, result.cell_type, result.cell_type_prob))
@@ -151,8 +162,9 @@ def predict_folder(images: Sequence[Path], folds: FoldEnsemble, params: fusion.E
             yield path.stem, label_to_rles(result.label)
 
     write_submission(rows(), out_dir / "predictions.csv")
-    tables = [pd.read_csv(out_dir / "measurements" / f"{p.stem}.csv", dtype={"image": str}) for p in images]
-    atomic_write_csv(out_dir / "measurements.csv", pd.concat(tables, ignore_index=True))
+    tables = [pd.read_csv(out_dir / "measurements" / f"{p.stem}.csv", dtype={"image": str}) for p in done]
+    cells = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=list(MEASUREMENT_COLUMNS))
+    atomic_write_csv(out_dir / "measurements.csv", cells)
     atomic_write_csv(out_dir / "summary.csv", pd.DataFrame(summaries, columns=list(SUMMARY_COLUMNS)))
     return n
 
