@@ -404,6 +404,33 @@ def test_predict_cli_exits_non_zero_naming_the_unreadable_files(trained, tmp_pat
     assert sorted(read_rows(out / "predictions.csv")) == ["good"] and (out / "labels" / "good.png").is_file()
 
 
+def test_skip_existing_redoes_only_the_unfinished_images(tmp_path):
+    """A run killed during its third image (that image's measurement CSV, the done-mark, never
+    written): the rerun with skip_existing segments that image only and writes the same tables."""
+    from neuroseg.ensemble.fusion import EnsembleParams
+    from neuroseg.inference.predict import predict_folder
+
+    src = tmp_path / "images"
+    src.mkdir()
+    for k, name in enumerate("abc"):
+        Image.fromarray(np.roll(asymmetric_image(), 4 * k, axis=1)).save(src / f"{name}.png")
+    files = sorted(src.iterdir())
+    out = tmp_path / "out"
+    full = stub_ensemble(False, scale=1.0)
+    assert predict_folder(files, full, EnsembleParams.defaults(), out) == 3
+    assert full.models["yolox"][0].calls == 3
+    first = {f: (out / f).read_bytes() for f in ("predictions.csv", "measurements.csv", "summary.csv")}
+    (out / "measurements" / "c.csv").unlink()
+    (out / "predictions.csv").unlink()
+    again = stub_ensemble(False, scale=1.0)
+    assert predict_folder(files, again, EnsembleParams.defaults(), out, skip_existing=True) == 3
+    assert again.models["yolox"][0].calls == 1  # c only
+    assert {f: (out / f).read_bytes() for f in first} == first
+    redo = stub_ensemble(False, scale=1.0)
+    predict_folder(files, redo, EnsembleParams.defaults(), out)  # without the flag: everything again
+    assert redo.models["yolox"][0].calls == 3
+
+
 def test_predict_cli_refuses_two_images_with_one_name(tmp_path, capsys):
     from neuroseg.inference.predict import cli_predict
 

@@ -23,7 +23,7 @@ from neuroseg.ensemble import fusion
 from neuroseg.inference.fold_models import FoldEnsemble, image_files, iter_predictions
 from neuroseg.inference.measurements import MEASUREMENT_COLUMNS, SUMMARY_COLUMNS, cell_measurements, image_summary
 from neuroseg.paths import Paths
-from neuroseg.utils.atomic_io import atomic_path, atomic_write_csv, read_json
+from neuroseg.utils.atomic_io import atomic_path, atomic_write_csv, atomic_write_json, read_json
 
 log = logging.getLogger("neuroseg")
 
@@ -105,6 +105,8 @@ def cli_predict(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=SINGLE_MODELS, default=None, help="one model instead of the ensemble")
     p.add_argument("--pixel-size", type=float, default=None, metavar="UM",
                    help="µm per pixel: measurements also in µm and µm²")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="resume a killed run: images whose outputs are all in --out are not segmented again")
     args = p.parse_args(argv)
     if args.pixel_size is not None and not args.pixel_size > 0:
         p.error(f"--pixel-size must be > 0 µm, got {args.pixel_size}")
@@ -124,7 +126,7 @@ def cli_predict(argv: list[str] | None = None) -> int:
         return 2
     failures: list[tuple[Path, str]] = []
     n = predict_folder(images, folds, params, Path(args.out), args.only, cfg.submission.batch_size, args.pixel_size,
-                       failures)
+                       failures, skip_existing=args.skip_existing)
     log.info("predict: %d images, %d instances -> %s: predictions.csv, measurements.csv, summary.csv, labels/, "
              "overlays/", len(images) - len(failures), n, args.out)
     if failures:
@@ -137,29 +139,49 @@ def cli_predict(argv: list[str] | None = None) -> int:
 
 def predict_folder(images: Sequence[Path], folds: FoldEnsemble, params: fusion.EnsembleParams, out_dir: Path,
                    only: str | None = None, batch_size: int = 1, pixel_size: float | None = None,
-                   failures: list[tuple[Path, str]] | None = None) -> int:
-    """Segment ``images`` into ``out_dir``: per image its label PNG, overlay and
-    ``measurements/<stem>.csv`` as soon as it is done, then predictions.csv (RLE),
-    measurements.csv (every cell) and summary.csv (every image). Returns the number of cells.
-    With a ``failures`` list an unreadable image is recorded there and the others go on."""
+                   failures: list[tuple[Path, str]] | None = None, skip_existing: bool = False) -> int:
+    """Segment ``images`` into ``out_dir``: per image its label PNG, overlay, summary JSON and
+    last ``measurements/<stem>.csv`` (the mark that the image is done), each written atomically as
+    soon as the image is done; then predictions.csv (RLE), measurements.csv (every cell) and
+    summary.csv (every image), in the order of ``images``. Returns the number of cells.
+
+    ``failures``: an unreadable image is recorded there and the others go on. ``skip_existing``:
+    images already done (a killed run) are read back from their files, not segmented again."""
     import pandas as pd
 
     from neuroseg.structures.label_image import label_to_rles
     from neuroseg.structures.submission_csv import write_submission
 
+    finished = {p for p in images if skip_existing and _is_done(out_dir, p.stem)}
+    if finished:
+        log.info("predict: %d of %d images already done in %s (--skip-existing)", len(finished), len(images), out_dir)
+    todo = [p for p in images if p not in finished]
+    fresh = iter(segment(todo, folds, params, only, batch_size, failures=failures))
+    pending = next(fresh, None)  # one look-ahead: a todo image the stream skipped has failed
     n = 0
     summaries: list[dict] = []
     done: list[Path] = []
 
     def rows() -> Iterator[tuple[str, list[str]]]:
-        nonlocal n
-        for path, image, result in segment(images, folds, params, only, batch_size, failures=failures):
+        nonlocal n, pending
+        for path in images:
+            if path in finished:
+                label = _read_label(out_dir, path.stem)
+                summary = read_json(out_dir / "measurements" / f"{path.stem}.json")
+            elif pending is not None and pending[0] == path:
+                _, image, result = pending
+                pending = next(fresh, None)
+                label = result.label
+                summary = image_summary(label, path.stem, result.cell_type, result.cell_type_prob)
+                write_outputs(out_dir, path.stem, image, label)
+                atomic_write_json(out_dir / "measurements" / f"{path.stem}.json", summary)
+                write_measurements(out_dir, path.stem, result, pixel_size)  # last: marks the image done
+            else:  # unreadable: in `failures`
+                continue
             done.append(path)
-            write_outputs(out_dir, path.stem, image, result.label)
-            write_measurements(out_dir, path.stem, result, pixel_size)
-            summaries.append(image_summary(result.label, path.stem, result.cell_type, result.cell_type_prob))
-            n += int(result.label.max(initial=0))
-            yield path.stem, label_to_rles(result.label)
+            summaries.append(summary)
+            n += int(label.max(initial=0))
+            yield path.stem, label_to_rles(label)
 
     write_submission(rows(), out_dir / "predictions.csv")
     tables = [pd.read_csv(out_dir / "measurements" / f"{p.stem}.csv", dtype={"image": str}) for p in done]
@@ -167,6 +189,18 @@ def predict_folder(images: Sequence[Path], folds: FoldEnsemble, params: fusion.E
     atomic_write_csv(out_dir / "measurements.csv", cells)
     atomic_write_csv(out_dir / "summary.csv", pd.DataFrame(summaries, columns=list(SUMMARY_COLUMNS)))
     return n
+
+
+def _is_done(out_dir: Path, stem: str) -> bool:
+    return all((out_dir / sub / f"{stem}{ext}").is_file()
+               for sub, ext in (("labels", ".png"), ("measurements", ".json"), ("measurements", ".csv")))
+
+
+def _read_label(out_dir: Path, stem: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(out_dir / "labels" / f"{stem}.png") as im:
+        return np.array(im).astype(np.int32)
 
 
 def write_measurements(out_dir: Path, stem: str, result: fusion.FusedResult, pixel_size: float | None) -> Path:
