@@ -431,6 +431,45 @@ def test_skip_existing_redoes_only_the_unfinished_images(tmp_path):
     assert redo.models["yolox"][0].calls == 3
 
 
+def test_predict_folder_writes_tiff_labels_and_rois(tmp_path):
+    import tifffile
+    from roifile import roiread
+
+    from neuroseg.ensemble.fusion import EnsembleParams
+    from neuroseg.inference.label_files import rois_to_label
+    from neuroseg.inference.predict import predict_folder
+
+    src = tmp_path / "images"
+    src.mkdir()
+    Image.fromarray(asymmetric_image()).save(src / "a.png")
+    out = tmp_path / "out"
+    assert predict_folder([src / "a.png"], stub_ensemble(False, scale=1.0), EnsembleParams.defaults(), out,
+                          label_format="tif", save_rois=True) == 1
+    label = tifffile.imread(out / "labels" / "a.tif")
+    assert label.dtype == np.uint32 and label.shape == (40, 60) and label.max() == 1
+    assert not (out / "labels" / "a.png").exists()
+    rois = roiread(out / "rois" / "a.zip")
+    assert [r.name for r in rois] == ["1"] and np.array_equal(rois_to_label(rois, label.shape), label)
+    again = stub_ensemble(False, scale=1.0)  # --skip-existing reads the TIFF back
+    predict_folder([src / "a.png"], again, EnsembleParams.defaults(), out, label_format="tif", skip_existing=True)
+    assert again.models["yolox"][0].calls == 0 and len(read_rows(out / "predictions.csv")["a"]) == 1
+
+
+def test_predict_cli_plain_flags(trained, tmp_path):
+    from neuroseg.cli import main
+
+    src = tmp_path / "images"
+    src.mkdir()
+    Image.fromarray(asymmetric_image(32, 40)).save(src / "a.png")
+    out = tmp_path / "pred"
+    argv = ["predict", str(src), "--out", str(out), "--output-dir", str(trained.output_dir),
+            *[a for o in TINY for a in ("--set", o)]]
+    assert main([*argv, "--device", "cpu", "--batch-size", "2", "--tta", "off", "--label-format", "tif"]) == 0
+    assert (out / "labels" / "a.tif").is_file() and not (out / "labels" / "a.png").exists()
+    with pytest.raises(SystemExit):
+        main([*argv, "--tta", "maybe"])
+
+
 def test_predict_cli_refuses_two_images_with_one_name(tmp_path, capsys):
     from neuroseg.inference.predict import cli_predict
 

@@ -72,21 +72,35 @@ def segment(images: Sequence[Path], folds: FoldEnsemble, params: fusion.Ensemble
 
 # ---- python -m neuroseg predict ----
 
-def write_outputs(out_dir: Path, stem: str, image: np.ndarray, label: np.ndarray) -> None:
-    """``labels/<stem>.png`` (uint16, 0 = background, k = instance k) and ``overlays/<stem>.png``
-    (the image with every instance outlined)."""
+LABEL_FORMATS: tuple[str, ...] = ("png", "tif")
+
+
+def write_outputs(out_dir: Path, stem: str, image: np.ndarray, label: np.ndarray, label_format: str = "png",
+                  save_rois: bool = False) -> None:
+    """``labels/<stem>.png`` (uint16) or ``labels/<stem>.tif`` (uint32: napari opens it as a Labels
+    layer), 0 = background, k = instance k; ``overlays/<stem>.png`` (the image with every instance
+    outlined); with ``save_rois`` ``rois/<stem>.zip``, one ImageJ polygon per cell named by label."""
     import cv2
     from skimage.segmentation import mark_boundaries
 
-    if label.max(initial=0) > np.iinfo(np.uint16).max:
-        raise ValueError(f"{stem}: {label.max()} instances do not fit a uint16 label PNG")
+    from neuroseg.inference.label_files import write_label_tiff, write_roi_zip
+
+    if label_format not in LABEL_FORMATS:
+        raise ValueError(f"label format {label_format!r}; valid: {list(LABEL_FORMATS)}")
+    if label_format == "png" and label.max(initial=0) > np.iinfo(np.uint16).max:
+        raise ValueError(f"{stem}: {label.max()} instances do not fit a uint16 label PNG (use --label-format tif)")
     rgb = np.repeat(image[..., None], 3, axis=2)
     overlay = mark_boundaries(rgb, label, color=(1.0, 0.85, 0.0), mode="inner")  # float RGB in [0, 1]
     overlay_bgr = cv2.cvtColor((overlay * 255).round().astype(np.uint8), cv2.COLOR_RGB2BGR)
-    for sub, array in (("labels", label.astype(np.uint16)), ("overlays", overlay_bgr)):
+    pngs = [("overlays", overlay_bgr)] + ([("labels", label.astype(np.uint16))] if label_format == "png" else [])
+    for sub, array in pngs:
         with atomic_path(out_dir / sub / f"{stem}.png") as tmp:
             if not cv2.imwrite(str(tmp), array):
                 raise OSError(f"cannot write {out_dir / sub / f'{stem}.png'}")
+    if label_format == "tif":
+        write_label_tiff(out_dir / "labels" / f"{stem}.tif", label)
+    if save_rois:
+        write_roi_zip(out_dir / "rois" / f"{stem}.zip", label)
 
 
 def cli_predict(argv: list[str] | None = None) -> int:
@@ -105,14 +119,23 @@ def cli_predict(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=SINGLE_MODELS, default=None, help="one model instead of the ensemble")
     p.add_argument("--pixel-size", type=float, default=None, metavar="UM",
                    help="µm per pixel: measurements also in µm and µm²")
+    p.add_argument("--label-format", choices=LABEL_FORMATS, default="png",
+                   help="labels/ as uint16 PNG (default) or uint32 TIFF (napari Labels, no 65,535-cell limit)")
+    p.add_argument("--save-rois", action="store_true", help="also rois/<image>.zip: ImageJ/Fiji polygon ROIs")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None, help="default: the config's")
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (submission.batch_size)")
+    p.add_argument("--tta", choices=("on", "off"), default=None, help="flip TTA (submission.tta_flips)")
     p.add_argument("--skip-existing", action="store_true",
                    help="resume a killed run: images whose outputs are all in --out are not segmented again")
     args = p.parse_args(argv)
     if args.pixel_size is not None and not args.pixel_size > 0:
         p.error(f"--pixel-size must be > 0 µm, got {args.pixel_size}")
     setup_logging()
+    flags = {"device": args.device, "submission.batch_size": args.batch_size,
+             "submission.tta_flips": None if args.tta is None else str(args.tta == "on").lower()}
+    overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
     try:
-        cfg = config_mod.load(args.config, args.overrides)
+        cfg = config_mod.load(args.config, overrides)
         paths = Paths.resolve(None, args.output_dir)
         images = image_files(args.images_dir, IMAGE_SUFFIXES)
         stems = Counter(p.stem for p in images)
@@ -126,7 +149,8 @@ def cli_predict(argv: list[str] | None = None) -> int:
         return 2
     failures: list[tuple[Path, str]] = []
     n = predict_folder(images, folds, params, Path(args.out), args.only, cfg.submission.batch_size, args.pixel_size,
-                       failures, skip_existing=args.skip_existing)
+                       failures, skip_existing=args.skip_existing, label_format=args.label_format,
+                       save_rois=args.save_rois)
     log.info("predict: %d images, %d instances -> %s: predictions.csv, measurements.csv, summary.csv, labels/, "
              "overlays/", len(images) - len(failures), n, args.out)
     if failures:
@@ -139,14 +163,16 @@ def cli_predict(argv: list[str] | None = None) -> int:
 
 def predict_folder(images: Sequence[Path], folds: FoldEnsemble, params: fusion.EnsembleParams, out_dir: Path,
                    only: str | None = None, batch_size: int = 1, pixel_size: float | None = None,
-                   failures: list[tuple[Path, str]] | None = None, skip_existing: bool = False) -> int:
+                   failures: list[tuple[Path, str]] | None = None, skip_existing: bool = False,
+                   label_format: str = "png", save_rois: bool = False) -> int:
     """Segment ``images`` into ``out_dir``: per image its label PNG, overlay, summary JSON and
     last ``measurements/<stem>.csv`` (the mark that the image is done), each written atomically as
     soon as the image is done; then predictions.csv (RLE), measurements.csv (every cell) and
     summary.csv (every image), in the order of ``images``. Returns the number of cells.
 
     ``failures``: an unreadable image is recorded there and the others go on. ``skip_existing``:
-    images already done (a killed run) are read back from their files, not segmented again."""
+    images already done (a killed run) are read back from their files, not segmented again.
+    ``label_format`` and ``save_rois``: as in :func:`write_outputs`."""
     import pandas as pd
 
     from neuroseg.structures.label_image import label_to_rles
@@ -173,7 +199,7 @@ def predict_folder(images: Sequence[Path], folds: FoldEnsemble, params: fusion.E
                 pending = next(fresh, None)
                 label = result.label
                 summary = image_summary(label, path.stem, result.cell_type, result.cell_type_prob)
-                write_outputs(out_dir, path.stem, image, label)
+                write_outputs(out_dir, path.stem, image, label, label_format, save_rois)
                 atomic_write_json(out_dir / "measurements" / f"{path.stem}.json", summary)
                 write_measurements(out_dir, path.stem, result, pixel_size)  # last: marks the image done
             else:  # unreadable: in `failures`
@@ -192,15 +218,18 @@ def predict_folder(images: Sequence[Path], folds: FoldEnsemble, params: fusion.E
 
 
 def _is_done(out_dir: Path, stem: str) -> bool:
-    return all((out_dir / sub / f"{stem}{ext}").is_file()
-               for sub, ext in (("labels", ".png"), ("measurements", ".json"), ("measurements", ".csv")))
+    return (any((out_dir / "labels" / f"{stem}.{f}").is_file() for f in LABEL_FORMATS)
+            and all((out_dir / "measurements" / f"{stem}{ext}").is_file() for ext in (".json", ".csv")))
 
 
 def _read_label(out_dir: Path, stem: str) -> np.ndarray:
+    import tifffile
     from PIL import Image
 
-    with Image.open(out_dir / "labels" / f"{stem}.png") as im:
-        return np.array(im).astype(np.int32)
+    if (out_dir / "labels" / f"{stem}.png").is_file():
+        with Image.open(out_dir / "labels" / f"{stem}.png") as im:
+            return np.array(im).astype(np.int64)
+    return tifffile.imread(out_dir / "labels" / f"{stem}.tif").astype(np.int64)
 
 
 def write_measurements(out_dir: Path, stem: str, result: fusion.FusedResult, pixel_size: float | None) -> Path:
