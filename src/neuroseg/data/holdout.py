@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from neuroseg.config import CELL_TYPES
-from neuroseg.utils.atomic_io import atomic_path, atomic_write_json
+from neuroseg.utils.atomic_io import atomic_write_csv, atomic_write_json
 
 log = logging.getLogger("neuroseg")
 
@@ -90,11 +90,8 @@ def write_split(data_dir: Path, out_dir: Path, split: Split) -> tuple[Path, Path
                 os.symlink((data_dir / "train" / f"{image_id}.png").resolve(), link)
     train_rows = df[df["id"].isin(set(split.train_ids))]
     test_rows = df[df["id"].isin(set(split.test_ids))]
-    with atomic_path(root / "train.csv") as tmp:
-        train_rows.to_csv(tmp, index=False)
-    truth = out_dir / "test_truth.csv"
-    with atomic_path(truth) as tmp:
-        test_rows.to_csv(tmp, index=False)
+    atomic_write_csv(root / "train.csv", train_rows)
+    truth = atomic_write_csv(out_dir / "test_truth.csv", test_rows)
     atomic_write_json(out_dir / "split.json", {"train_ids": list(split.train_ids), "test_ids": list(split.test_ids)})
     log.info("split %s: %d train images -> %s, %d test images -> %s/test and %s", data_dir,
              len(split.train_ids), root, len(split.test_ids), root, truth)

@@ -16,7 +16,7 @@ from neuroseg.ensemble.params import EnsembleParams
 from neuroseg.ensemble.tuning import Truth, predictions_from_oof
 from neuroseg.paths import Paths
 from neuroseg.structures.predictions import MaskFn
-from neuroseg.utils.atomic_io import atomic_path
+from neuroseg.utils.atomic_io import atomic_path, atomic_write_csv
 
 log = logging.getLogger("neuroseg")
 
@@ -30,8 +30,7 @@ def write_scores_csv(path: Path, report: dict[str, Any], truth: Mapping[str, Tru
     rows = [{"image_id": i, "cell_type": truth[i].cell_type, "fold": fold_of.get(i),
              **{m: report["per_image"][m].get(i) for m in METHODS if m in report["per_image"]}}
             for i in report["image_ids"]]
-    with atomic_path(path) as tmp:
-        pd.DataFrame(rows).to_csv(tmp, index=False, float_format="%.6f")
+    atomic_write_csv(path, pd.DataFrame(rows), float_format="%.6f")
     return path
 
 

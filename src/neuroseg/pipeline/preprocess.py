@@ -34,7 +34,7 @@ from neuroseg.data.records import DataError, ImageRecord, group_records, load_im
 from neuroseg.data.semantic_targets import semantic_target_from_rles
 from neuroseg.paths import Paths
 from neuroseg.structures import rle
-from neuroseg.utils.atomic_io import atomic_path, atomic_write_json, atomic_write_text, read_json
+from neuroseg.utils.atomic_io import atomic_path, atomic_write_csv, atomic_write_json, atomic_write_text, read_json
 from neuroseg.utils.hashing import file_sha256
 from neuroseg.utils.progress import Progress
 
@@ -96,8 +96,7 @@ def _remove_stale(paths: Paths, keep: list[Path]) -> int:
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
+    atomic_write_csv(path, df)
     log.info("wrote %s (%d rows)", path, len(df))
 
 

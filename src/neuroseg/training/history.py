@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from neuroseg.utils.atomic_io import atomic_path
+from neuroseg.utils.atomic_io import atomic_path, atomic_write_csv
 
 
 def png_path(csv_path: str | Path) -> Path:
@@ -27,8 +27,7 @@ def write(rows: list[dict[str, Any]], csv_path: str | Path, with_plot: bool = Tr
     for row in rows:
         columns += [k for k in row if k not in columns]
     df = pd.DataFrame(rows, columns=columns)
-    with atomic_path(csv_path) as tmp:
-        df.to_csv(tmp, index=False)
+    atomic_write_csv(csv_path, df)
     if with_plot:
         plot(df, png_path(csv_path))
     return csv_path
