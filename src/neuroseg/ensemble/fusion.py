@@ -93,9 +93,17 @@ def cell_type_distribution(votes: dict[str, np.ndarray], weights: dict[str, floa
     return total / mass if mass > 0 else np.full(len(CELL_TYPES), 1.0 / len(CELL_TYPES))
 
 
+def vote(votes: dict[str, np.ndarray], weights: dict[str, float]) -> tuple[str, float]:
+    """``(cell type, its probability)``: the argmax of :func:`cell_type_distribution`; ties go to
+    the earlier type in ``CELL_TYPES``."""
+    dist = cell_type_distribution(votes, weights)
+    k = int(np.argmax(dist))
+    return CELL_TYPES[k], float(dist[k])
+
+
 def vote_cell_type(votes: dict[str, np.ndarray], weights: dict[str, float]) -> str:
     """Weighted sum of the votes, argmax; ties go to the earlier type in ``CELL_TYPES``."""
-    return CELL_TYPES[int(np.argmax(cell_type_distribution(votes, weights)))]
+    return vote(votes, weights)[0]
 
 
 # ---- 2. boxes ----
@@ -288,9 +296,7 @@ def fuse(pred: ImagePredictions, params: EnsembleParams, mask_fn: MaskFn | None 
     predictions it is UPerNet alone; with both detectors weighted 0 for the image's type, only
     UPerNet's instances as candidates; without ``mask_fn`` the masks come from UPerNet inside the
     fused boxes."""
-    dist = cell_type_distribution(type_votes(pred), params.vote_weights)
-    cell_type = CELL_TYPES[int(np.argmax(dist))]
-    prob = float(dist[CELL_TYPES.index(cell_type)])
+    cell_type, prob = vote(type_votes(pred), params.vote_weights)
     tp = params.ensemble[cell_type]
     if not any(getattr(pred, m) for m in BOX_MODELS):  # no detector ran: UPerNet alone
         if pred.upernet_probs is None:
@@ -336,9 +342,7 @@ def single_model(pred: ImagePredictions, model: str, params: EnsembleParams,
     votes = type_votes(pred)
     if model not in votes:
         raise ValueError(f"image {pred.image_id}: no {model} predictions")
-    dist = cell_type_distribution({model: votes[model]}, {model: 1.0})
-    cell_type = CELL_TYPES[int(np.argmax(dist))]
-    prob = float(dist[CELL_TYPES.index(cell_type)])
+    cell_type, prob = vote({model: votes[model]}, {model: 1.0})
     if model == "upernet":
         label, scores = upernet_alone(pred.upernet_probs, params.upernet[cell_type])
         return FusedResult(label, scores, cell_type, prob)

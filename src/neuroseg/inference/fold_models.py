@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -83,9 +83,10 @@ class FoldEnsemble:
         return torch.cat([tta.flip_image(x, v) for v in self.views])
 
     @torch.no_grad()
-    def _forward(self, model: nn.Module, x: torch.Tensor) -> list[dict]:
+    def _forward(self, model: Callable, x: torch.Tensor, **kwargs):
+        """``model(x, **kwargs)`` (a model, or one of its methods) under no_grad and AMP autocast."""
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            return model(x)
+            return model(x, **kwargs)
 
     # ---- predictions ----
     def predict_batch(self, images: Sequence[np.ndarray], image_ids: Sequence[str]) -> list[ImagePredictions]:
@@ -112,8 +113,7 @@ class FoldEnsemble:
         for name in ("yolox", "maskrcnn"):
             for model in self.models.get(name, []):
                 if name == "maskrcnn":
-                    with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                        outs, (image_list, feats) = model.detect(x, masks=masks)
+                    outs, (image_list, feats) = self._forward(model.detect, x, masks=masks)
                     for i in range(b):
                         features[i].append(_views_of(image_list, feats, i, b, len(self.views)))
                 else:
@@ -247,17 +247,15 @@ class MaskHeads:
         models = f.models["maskrcnn"]
         if self._x is None:
             self._x = f._input([self.image])
-            for model in models:
-                with torch.autocast(f.device.type, dtype=torch.float16, enabled=f.amp):
-                    self._features.append(model.box_features(self._x))
+            self._features = [f._forward(model.box_features, self._x) for model in models]
         h, w = int(self._x.shape[-2]), int(self._x.shape[-1])
         b = torch.as_tensor(boxes, device=f.device) * torch.tensor([w / W, h / H, w / W, h / H], device=f.device)
         lab = torch.as_tensor(np.asarray(labels), device=f.device).long().reshape(-1)
         view_boxes = [tta.flip_boxes(b, v, h, w) for v in f.views]
         total = torch.zeros((n, MASK_SIZE, MASK_SIZE), device=f.device)
         for model, feats in zip(models, self._features):
-            with torch.autocast(f.device.type, dtype=torch.float16, enabled=f.amp):
-                outs = model.masks_for_boxes(self._x, view_boxes, [lab] * len(f.views), features=feats)
+            outs = f._forward(model.masks_for_boxes, self._x, boxes=view_boxes, labels=[lab] * len(f.views),
+                              features=feats)
             for v, m in zip(f.views, outs):
                 total += tta.flip_box_masks(m.float(), b, v)
         total /= len(models) * len(f.views)
