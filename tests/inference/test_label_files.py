@@ -40,6 +40,8 @@ def test_rois_of_hand_drawn_cells(tmp_path):
     assert [r.name for r in back] == ["1", "2", "3"]
     assert np.array_equal(rois_to_label(back, label.shape), label)
     assert not write_roi_zip(tmp_path / "empty.zip", np.zeros((4, 4), np.int32)).exists()
+    with pytest.raises(ValueError, match="a.roi: an ImageJ ROI set must be a .zip"):
+        write_roi_zip(tmp_path / "a.roi", label)
 
 
 def test_rois_of_real_cells_rasterise_to_the_same_cells(real_data, tmp_path):

@@ -291,7 +291,7 @@ def test_06_script_writes_valid_submissions(trained):
     assert script.main(script_args(trained, "--set", "folds.train_folds=[0,1]")) == 1
 
 
-def test_predict_cli_mixed_png_and_tiff(trained, tmp_path):
+def test_predict_cli_mixed_png_and_tiff(trained, tmp_path, capsys):
     import tifffile
 
     from neuroseg.cli import main
@@ -324,6 +324,7 @@ def test_predict_cli_mixed_png_and_tiff(trained, tmp_path):
         assert summary.loc[stem, "cell_type"] in CELL_TYPES and 0 < summary.loc[stem, "cell_type_prob"] <= 1
     with pytest.raises(SystemExit):  # argparse's usage error, exit 2
         main(argv[:-2] + ["--pixel-size", "-1"])
+    assert "--pixel-size must be > 0 µm, got -1.0" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "missing"), "--out", str(out),
                  "--output-dir", str(trained.output_dir)]) == 2
 
@@ -455,7 +456,28 @@ def test_predict_folder_writes_tiff_labels_and_rois(tmp_path):
     assert again.models["yolox"][0].calls == 0 and len(read_rows(out / "predictions.csv")["a"]) == 1
 
 
-def test_predict_cli_plain_flags(trained, tmp_path):
+def test_write_outputs_refuses_what_it_cannot_write(tmp_path):
+    from neuroseg.inference.predict import write_outputs
+
+    label = np.zeros((4, 5), np.int64)
+    with pytest.raises(ValueError, match=r"label format 'jpg'; valid: \['png', 'tif'\]"):
+        write_outputs(tmp_path, "a", np.zeros((4, 5), np.uint8), label, label_format="jpg")
+    label[0, 0] = 70_000
+    with pytest.raises(ValueError, match="a: 70000 instances do not fit a uint16 label PNG .use --label-format tif"):
+        write_outputs(tmp_path, "a", np.zeros((4, 5), np.uint8), label)
+    write_outputs(tmp_path, "a", np.zeros((4, 5), np.uint8), label, label_format="tif")  # the TIFF holds it
+    assert (tmp_path / "labels" / "a.tif").is_file()
+
+
+def test_mask_heads_need_views_and_features_together():
+    from neuroseg.inference.fold_models import MaskHeads
+
+    ens = stub_ensemble(False)
+    with pytest.raises(ValueError, match="MaskHeads: pass both views and features, or neither"):
+        MaskHeads(ens, asymmetric_image(), views=torch.zeros(1, 3, 20, 30))
+
+
+def test_predict_cli_plain_flags(trained, tmp_path, capsys):
     from neuroseg.cli import main
 
     src = tmp_path / "images"
@@ -468,6 +490,7 @@ def test_predict_cli_plain_flags(trained, tmp_path):
     assert (out / "labels" / "a.tif").is_file() and not (out / "labels" / "a.png").exists()
     with pytest.raises(SystemExit):
         main([*argv, "--tta", "maybe"])
+    assert "--tta: invalid choice: 'maybe'" in capsys.readouterr().err
 
 
 def test_predict_cli_refuses_two_images_with_one_name(tmp_path, capsys):
