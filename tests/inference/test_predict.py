@@ -502,3 +502,79 @@ def test_predict_cli_refuses_two_images_with_one_name(tmp_path, capsys):
     Image.fromarray(asymmetric_image()).save(src / "a.tiff")
     assert cli_predict([str(src), "--out", str(tmp_path / "o"), "--output-dir", str(tmp_path)]) == 2
     assert "share a name: ['a']" in capsys.readouterr().err
+
+
+def test_predict_folder_gives_16_bit_and_float_copies_the_labels_of_the_8_bit_image(tmp_path):
+    """The same cells from a.png, its 16-bit TIFF x 257 and its float TIFF / 255, by the data
+    type's range and by percentiles; a 3-page TIFF needs --page."""
+    import tifffile
+
+    from neuroseg.ensemble.fusion import EnsembleParams
+    from neuroseg.inference.image_input import InputOptions
+    from neuroseg.inference.predict import predict_folder
+
+    image = asymmetric_image()
+    src = tmp_path / "images"
+    src.mkdir()
+    Image.fromarray(image).save(src / "a.png")
+    tifffile.imwrite(src / "a16.tif", image.astype(np.uint16) * 257)
+    tifffile.imwrite(src / "af.tif", image.astype(np.float32) / 255)
+    tifffile.imwrite(src / "stack.tif", np.stack([np.zeros_like(image), image]), photometric="minisblack")
+    files = [src / n for n in ("a.png", "a16.tif", "af.tif")]
+    for k, normalize in enumerate(("off", (1, 99))):
+        out = tmp_path / f"out{k}"
+        assert predict_folder(files, stub_ensemble(False, scale=1.0), EnsembleParams.defaults(), out,
+                              options=InputOptions(normalize=normalize)) == 3
+        labels = [np.array(Image.open(out / "labels" / f"{p.stem}.png")) for p in files]
+        assert labels[0].max() == 1 and all(np.array_equal(lab, labels[0]) for lab in labels[1:])
+    failures: list = []
+    predict_folder([src / "stack.tif"], stub_ensemble(False, scale=1.0), EnsembleParams.defaults(),
+                   tmp_path / "s", failures=failures)
+    assert failures[0][0] == src / "stack.tif" and "a 2-page stack; pass --page 0..1" in failures[0][1]
+    predict_folder([src / "stack.tif"], stub_ensemble(False, scale=1.0), EnsembleParams.defaults(),
+                   tmp_path / "s1", options=InputOptions(page=1, normalize="off"))
+    np.testing.assert_array_equal(np.array(Image.open(tmp_path / "s1" / "labels" / "stack.png")), labels[0])
+
+
+def test_overlay_colours_each_cell_and_outlines_are_its_boundary(tmp_path):
+    from neuroseg.inference.predict import cell_colours, overlay, write_outputs
+
+    image = np.full((40, 60), 100, np.uint8)
+    label = np.zeros((40, 60), np.int32)
+    label[5:15, 5:15], label[20:30, 30:50] = 1, 2
+    colours = cell_colours(2)
+    assert len({tuple(c) for c in colours[1:]}) == 2  # two cells, two colours
+    out = overlay(image, label, caption="")
+    np.testing.assert_array_equal(out[5, 5], colours[1])  # boundary pixel: the cell's own colour
+    np.testing.assert_array_equal(out[25, 40], np.round(0.75 * 100 + 0.25 * colours[2].astype(float)))  # tinted
+    np.testing.assert_array_equal(out[35, 5], [100, 100, 100])  # background untouched
+    captioned = overlay(image, label, caption="x: 2 cells")
+    assert (captioned[:3, :20] < 100).all() and (captioned[:14] > 200).any()  # dark band, light text
+    write_outputs(tmp_path, "x", image, label, save_outlines=True)
+    outline = np.array(Image.open(tmp_path / "outlines" / "x.png"))
+    assert outline.dtype == np.uint8 and set(np.unique(outline)) == {0, 255}
+    assert outline[5, 5] == 255 and outline[10, 10] == 0 and outline[5:15, 5:15].sum() == 255 * 36  # 10x10 ring
+
+
+def test_predict_cli_input_and_tiling_flags(trained, tmp_path, capsys):
+    import tifffile
+
+    from neuroseg.cli import main
+
+    src = tmp_path / "images"
+    src.mkdir()
+    tifffile.imwrite(src / "z.tif", np.stack([asymmetric_image(32, 40)] * 2).astype(np.uint16) * 257,
+                     photometric="minisblack")
+    out = tmp_path / "pred"
+    argv = ["predict", str(src), "--out", str(out), "--output-dir", str(trained.output_dir),
+            *[a for o in TINY for a in ("--set", o)]]
+    assert main([*argv, "--page", "1", "--normalize", "1", "99", "--save-outlines", "--tile-above", "0"]) == 0
+    assert (out / "outlines" / "z.png").is_file() and (out / "labels" / "z.png").is_file()
+    assert main([*argv, "--out", str(tmp_path / "p2")]) == 1  # no --page: reported, named
+    assert "z.tif" in capsys.readouterr().err
+    for bad, message in ((["--normalize", "1"], "expected LOW HIGH percentiles"),
+                         (["--normalize", "99", "1"], "0 <= LOW < HIGH <= 100"),
+                         (["--tile-overlap", "999"], "tile overlap must be within 0..320")):
+        with pytest.raises(SystemExit):
+            main([*argv, *bad])
+        assert message in capsys.readouterr().err

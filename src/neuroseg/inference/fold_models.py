@@ -175,20 +175,26 @@ def image_files(folder: str | Path, suffixes: Sequence[str] = (".png",)) -> list
 
 
 def iter_predictions(ensemble: FoldEnsemble, image_paths: Sequence[Path], batch_size: int = 1, masks: bool = True,
-                     failures: list[tuple[Path, str]] | None = None
-                     ) -> Iterator[tuple[Path, np.ndarray, ImagePredictions, "MaskHeads | None"]]:
+                     failures: list[tuple[Path, str]] | None = None,
+                     reader: Callable[[Path], np.ndarray] | None = None,
+                     predict_if: Callable[[np.ndarray], bool] | None = None,
+                     ) -> Iterator[tuple[Path, np.ndarray, ImagePredictions | None, "MaskHeads | None"]]:
     """Yield ``(path, image uint8, predictions, mask heads)`` per readable path, in order, reading
     ``batch_size`` images at a time (consecutive images of one size share a forward pass);
-    ``masks`` as in ``FoldEnsemble.predict_with_heads``. An unreadable image raises its
-    ``DataError``, or with a ``failures`` list is appended to it as ``(path, why)`` and skipped."""
+    ``masks`` as in ``FoldEnsemble.predict_with_heads``. ``reader``: path -> uint8 ``(H, W)``
+    (default ``records.load_image``, 8-bit only; ``predict`` passes ``image_input.read_image``).
+    An image for which ``predict_if`` is False comes back unpredicted, ``(path, image, None,
+    None)`` (predict tiles it). An unreadable image raises its ``DataError``, or with a
+    ``failures`` list is appended to it as ``(path, why)`` and skipped."""
     from neuroseg.data.records import DataError, load_image
 
+    reader = reader or load_image
     batch_size = max(1, int(batch_size))
     for start in range(0, len(image_paths), batch_size):
         chunk, paths = [], []
         for path in image_paths[start:start + batch_size]:
             try:
-                chunk.append(load_image(path))
+                chunk.append(reader(path))
                 paths.append(path)
             except (DataError, FileNotFoundError) as e:
                 if failures is None:
@@ -196,9 +202,10 @@ def iter_predictions(ensemble: FoldEnsemble, image_paths: Sequence[Path], batch_
                 log.warning("skipped %s: %s", path, e)
                 failures.append((Path(path), str(e)))
         ids = [p.stem for p in paths]
-        results: list[tuple | None] = [None] * len(chunk)
-        for shape in dict.fromkeys(im.shape for im in chunk):
-            idx = [k for k, im in enumerate(chunk) if im.shape == shape]
+        results: list[tuple] = [(None, None)] * len(chunk)
+        wanted = [k for k, im in enumerate(chunk) if predict_if is None or predict_if(im)]
+        for shape in dict.fromkeys(chunk[k].shape for k in wanted):
+            idx = [k for k in wanted if chunk[k].shape == shape]
             outs = ensemble.predict_with_heads([chunk[k] for k in idx], [ids[k] for k in idx], masks)
             for k, out in zip(idx, outs):
                 results[k] = out

@@ -13,15 +13,18 @@ import argparse
 import logging
 import sys
 from collections import Counter
+from functools import partial
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from neuroseg.config import Config
 from neuroseg.ensemble import fusion
 from neuroseg.inference.fold_models import FoldEnsemble, image_files, iter_predictions
+from neuroseg.inference.image_input import InputOptions, read_image
 from neuroseg.inference.measurements import MEASUREMENT_COLUMNS, SUMMARY_COLUMNS, cell_measurements, image_summary
+from neuroseg.inference.tiling import Tiling, segment_tiled
 from neuroseg.paths import Paths
 from neuroseg.utils.atomic_io import atomic_path, atomic_write_csv, atomic_write_json, read_json
 
@@ -54,19 +57,34 @@ def models_needed(cfg: Config, only: str | None) -> tuple[str, ...]:
 
 def segment(images: Sequence[Path], folds: FoldEnsemble, params: fusion.EnsembleParams,
             only: str | None = None, batch_size: int = 1, progress: bool = True,
-            failures: list[tuple[Path, str]] | None = None) -> Iterator[tuple[Path, np.ndarray, fusion.FusedResult]]:
+            failures: list[tuple[Path, str]] | None = None, reader: Callable[[Path], np.ndarray] | None = None,
+            tiling: Tiling | None = None) -> Iterator[tuple[Path, np.ndarray, fusion.FusedResult]]:
     """Yield ``(path, image uint8, fused result)`` per image, in order; memory holds one batch.
-    ``failures``: collect unreadable images there and go on (``iter_predictions``)."""
+    ``failures``: collect unreadable images there and go on (``iter_predictions``); ``reader``:
+    path -> uint8 image (``image_input.read_image`` for lab images); ``tiling``: images above its
+    size go through overlapping tiles (``tiling.py``), the others whole."""
     from neuroseg.utils.progress import Progress
 
     # the ensemble runs the mask heads on the boxes it keeps (reusing the detection pass's
     # features); Mask R-CNN alone paints the masks of its own detections
-    stream = iter_predictions(folds, images, batch_size, masks=only is not None, failures=failures)
-    for path, image, pred, mask_fn in Progress(stream, "predict", total=len(images), unit="img", enabled=progress):
+    masks = only is not None
+    whole = None if tiling is None else (lambda im: not tiling.applies(im.shape))
+    stream = iter_predictions(folds, images, batch_size, masks, failures, reader, whole)
+
+    def fuse_one(pred, image, heads) -> fusion.FusedResult:
         if only is None:
-            result = fusion.fuse(fusion.add_image_vote(pred, image, params), params, mask_fn)
+            return fusion.fuse(fusion.add_image_vote(pred, image, params), params, heads)
+        return fusion.single_model(pred, only, params, heads)
+
+    def segment_tiles(tiles: list[np.ndarray]) -> list[fusion.FusedResult]:  # tiles of one size
+        outs = folds.predict_with_heads(tiles, [f"tile{k}" for k in range(len(tiles))], masks)
+        return [fuse_one(pred, tile, heads) for tile, (pred, heads) in zip(tiles, outs)]
+
+    for path, image, pred, heads in Progress(stream, "predict", total=len(images), unit="img", enabled=progress):
+        if pred is None:  # too large for one pass
+            result = segment_tiled(image, segment_tiles, tiling, batch_size)
         else:
-            result = fusion.single_model(pred, only, params, mask_fn)
+            result = fuse_one(pred, image, heads)
         yield path, image, result
 
 
@@ -76,12 +94,13 @@ LABEL_FORMATS: tuple[str, ...] = ("png", "tif")
 
 
 def write_outputs(out_dir: Path, stem: str, image: np.ndarray, label: np.ndarray, label_format: str = "png",
-                  save_rois: bool = False) -> None:
+                  save_rois: bool = False, caption: str = "", save_outlines: bool = False) -> None:
     """``labels/<stem>.png`` (uint16) or ``labels/<stem>.tif`` (uint32: napari opens it as a Labels
-    layer), 0 = background, k = instance k; ``overlays/<stem>.png`` (the image with every instance
-    outlined); with ``save_rois`` ``rois/<stem>.zip``, one ImageJ polygon per cell named by label."""
+    layer), 0 = background, k = instance k; ``overlays/<stem>.png`` (:func:`overlay`); with
+    ``save_rois`` ``rois/<stem>.zip``, one ImageJ polygon per cell named by label; with
+    ``save_outlines`` ``outlines/<stem>.png``, 255 on each cell's boundary pixels, 0 elsewhere."""
     import cv2
-    from skimage.segmentation import mark_boundaries
+    from skimage.segmentation import find_boundaries
 
     from neuroseg.inference.label_files import write_label_tiff, write_roi_zip
 
@@ -89,10 +108,11 @@ def write_outputs(out_dir: Path, stem: str, image: np.ndarray, label: np.ndarray
         raise ValueError(f"label format {label_format!r}; valid: {list(LABEL_FORMATS)}")
     if label_format == "png" and label.max(initial=0) > np.iinfo(np.uint16).max:
         raise ValueError(f"{stem}: {label.max()} instances do not fit a uint16 label PNG (use --label-format tif)")
-    rgb = np.repeat(image[..., None], 3, axis=2)
-    overlay = mark_boundaries(rgb, label, color=(1.0, 0.85, 0.0), mode="inner")  # float RGB in [0, 1]
-    overlay_bgr = cv2.cvtColor((overlay * 255).round().astype(np.uint8), cv2.COLOR_RGB2BGR)
-    pngs = [("overlays", overlay_bgr)] + ([("labels", label.astype(np.uint16))] if label_format == "png" else [])
+    pngs = [("overlays", cv2.cvtColor(overlay(image, label, caption), cv2.COLOR_RGB2BGR))]
+    if label_format == "png":
+        pngs.append(("labels", label.astype(np.uint16)))
+    if save_outlines:
+        pngs.append(("outlines", find_boundaries(label, mode="inner").astype(np.uint8) * 255))
     for sub, array in pngs:
         with atomic_path(out_dir / sub / f"{stem}.png") as tmp:
             if not cv2.imwrite(str(tmp), array):
@@ -101,6 +121,43 @@ def write_outputs(out_dir: Path, stem: str, image: np.ndarray, label: np.ndarray
         write_label_tiff(out_dir / "labels" / f"{stem}.tif", label)
     if save_rois:
         write_roi_zip(out_dir / "rois" / f"{stem}.zip", label)
+
+
+def cell_colours(n: int) -> np.ndarray:
+    """``(n + 1, 3)`` uint8 RGB, row k the colour of cell k (row 0 unused): hues a golden angle
+    apart, so neighbouring labels -- painted in score order, often neighbours -- differ."""
+    import colorsys
+
+    hues = (np.arange(n + 1) * 0.618033988749895) % 1.0
+    return (np.array([colorsys.hsv_to_rgb(h, 0.85, 1.0) for h in hues]) * 255).round().astype(np.uint8)
+
+
+def overlay(image: np.ndarray, label: np.ndarray, caption: str = "") -> np.ndarray:
+    """uint8 RGB: the image with each cell tinted and outlined in its own colour
+    (:func:`cell_colours`), ``caption`` written on a dark band across the top."""
+    import cv2
+    from skimage.segmentation import find_boundaries
+
+    colours = cell_colours(int(label.max(initial=0)))
+    rgb = np.repeat(image[..., None], 3, axis=2).astype(np.float32)
+    cells = label > 0
+    rgb[cells] = 0.75 * rgb[cells] + 0.25 * colours[label[cells]]
+    edge = find_boundaries(label, mode="inner")
+    rgb[edge] = colours[label[edge]]
+    out = rgb.round().astype(np.uint8)
+    if caption:
+        scale = max(0.4, image.shape[1] / 1400)
+        (tw, th), base = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        band = th + base + 8
+        out[:band, :min(tw + 12, out.shape[1])] //= 3
+        cv2.putText(out, caption, (6, th + 4), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    return out
+
+
+def caption_of(stem: str, result: fusion.FusedResult) -> str:
+    n = int(result.label.max(initial=0))
+    prob = "" if not np.isfinite(result.cell_type_prob) else f" {result.cell_type_prob:.0%}"
+    return f"{stem}: {n} cell{'s' if n != 1 else ''}, {result.cell_type}{prob}"
 
 
 def cli_predict(argv: list[str] | None = None) -> int:
@@ -127,9 +184,27 @@ def cli_predict(argv: list[str] | None = None) -> int:
     p.add_argument("--tta", choices=("on", "off"), default=None, help="flip TTA (submission.tta_flips)")
     p.add_argument("--skip-existing", action="store_true",
                    help="resume a killed run: images whose outputs are all in --out are not segmented again")
+    p.add_argument("--save-outlines", action="store_true", help="also outlines/<image>.png: 255 on cell boundaries")
+    g = p.add_argument_group("input images (PNG or TIFF; 8-bit, 16-bit or float; gray or RGB)")
+    g.add_argument("--normalize", nargs="+", default=["auto"], metavar="LOW HIGH",
+                   help="map the image's LOW and HIGH percentiles to the training images' grey levels "
+                        "(every image); 'auto' (default): 1 99 for non-8-bit images, 8-bit as is; "
+                        "'off': by the data type's range (uint16 / 257, float 0..1 x 255)")
+    g.add_argument("--page", type=int, default=None, help="the page (0-based) of multi-page TIFFs")
+    g.add_argument("--channel", type=int, default=None, help="the channel (0-based) of multi-channel images")
+    g.add_argument("--tile-above", type=int, default=Tiling.above, metavar="PX",
+                   help=f"segment images with a side above PX as overlapping tiles (0 = never; default {Tiling.above})")
+    g.add_argument("--tile-size", type=int, default=Tiling.size, metavar="PX", help=f"tile side (default {Tiling.size})")
+    g.add_argument("--tile-overlap", type=int, default=Tiling.overlap, metavar="PX",
+                   help=f"least overlap of neighbouring tiles, > the largest cell (default {Tiling.overlap})")
     args = p.parse_args(argv)
     if args.pixel_size is not None and not args.pixel_size > 0:
         p.error(f"--pixel-size must be > 0 µm, got {args.pixel_size}")
+    try:
+        options = InputOptions(args.page, args.channel, _normalize_arg(args.normalize))
+        tiling = Tiling(args.tile_above, args.tile_size, args.tile_overlap)
+    except ValueError as e:
+        p.error(str(e))
     setup_logging()
     flags = {"device": args.device, "submission.batch_size": args.batch_size,
              "submission.tta_flips": None if args.tta is None else str(args.tta == "on").lower()}
@@ -150,7 +225,7 @@ def cli_predict(argv: list[str] | None = None) -> int:
     failures: list[tuple[Path, str]] = []
     n = predict_folder(images, folds, params, Path(args.out), args.only, cfg.submission.batch_size, args.pixel_size,
                        failures, skip_existing=args.skip_existing, label_format=args.label_format,
-                       save_rois=args.save_rois)
+                       save_rois=args.save_rois, save_outlines=args.save_outlines, options=options, tiling=tiling)
     log.info("predict: %d images, %d instances -> %s: predictions.csv, measurements.csv, summary.csv, labels/, "
              "overlays/", len(images) - len(failures), n, args.out)
     if failures:
@@ -161,10 +236,21 @@ def cli_predict(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _normalize_arg(values: list[str]) -> str | tuple[float, float]:
+    if len(values) == 1 and values[0] in ("auto", "off"):
+        return values[0]
+    try:
+        lo, hi = (float(v) for v in values)
+    except ValueError:
+        raise ValueError(f"--normalize {' '.join(values)}: expected LOW HIGH percentiles, 'auto' or 'off'") from None
+    return lo, hi
+
+
 def predict_folder(images: Sequence[Path], folds: FoldEnsemble, params: fusion.EnsembleParams, out_dir: Path,
                    only: str | None = None, batch_size: int = 1, pixel_size: float | None = None,
                    failures: list[tuple[Path, str]] | None = None, skip_existing: bool = False,
-                   label_format: str = "png", save_rois: bool = False) -> int:
+                   label_format: str = "png", save_rois: bool = False, save_outlines: bool = False,
+                   options: InputOptions = InputOptions(), tiling: Tiling | None = Tiling()) -> int:
     """Segment ``images`` into ``out_dir``: per image its label PNG, overlay, summary JSON and
     last ``measurements/<stem>.csv`` (the mark that the image is done), each written atomically as
     soon as the image is done; then predictions.csv (RLE), measurements.csv (every cell) and
@@ -172,7 +258,9 @@ def predict_folder(images: Sequence[Path], folds: FoldEnsemble, params: fusion.E
 
     ``failures``: an unreadable image is recorded there and the others go on. ``skip_existing``:
     images already done (a killed run) are read back from their files, not segmented again.
-    ``label_format`` and ``save_rois``: as in :func:`write_outputs`."""
+    ``label_format``, ``save_rois`` and ``save_outlines``: as in :func:`write_outputs`. ``options``:
+    how images are read (``image_input``: pages, channels, intensity normalisation); ``tiling``:
+    large images as tiles (``tiling.py``; None = every image whole)."""
     import pandas as pd
 
     from neuroseg.structures.label_image import label_to_rles
@@ -182,7 +270,8 @@ def predict_folder(images: Sequence[Path], folds: FoldEnsemble, params: fusion.E
     if finished:
         log.info("predict: %d of %d images already done in %s (--skip-existing)", len(finished), len(images), out_dir)
     todo = [p for p in images if p not in finished]
-    fresh = iter(segment(todo, folds, params, only, batch_size, failures=failures))
+    fresh = iter(segment(todo, folds, params, only, batch_size, failures=failures,
+                         reader=partial(read_image, options=options), tiling=tiling))
     pending = next(fresh, None)  # one look-ahead: a todo image the stream skipped has failed
     n = 0
     summaries: list[dict] = []
@@ -199,7 +288,8 @@ def predict_folder(images: Sequence[Path], folds: FoldEnsemble, params: fusion.E
                 pending = next(fresh, None)
                 label = result.label
                 summary = image_summary(label, path.stem, result.cell_type, result.cell_type_prob)
-                write_outputs(out_dir, path.stem, image, label, label_format, save_rois)
+                write_outputs(out_dir, path.stem, image, label, label_format, save_rois,
+                              caption_of(path.stem, result), save_outlines)
                 atomic_write_json(out_dir / "measurements" / f"{path.stem}.json", summary)
                 write_measurements(out_dir, path.stem, result, pixel_size)  # last: marks the image done
             else:  # unreadable: in `failures`
