@@ -131,12 +131,12 @@ def to_uint8(plane: np.ndarray, normalize: str | tuple[float, float] = "auto", p
     eight_bit = plane.dtype == np.uint8
     if normalize == "auto":
         normalize = "off" if eight_bit else DEFAULT_PERCENTILES
-    x = plane.astype(np.float64)
-    if not np.isfinite(x).all():
+    if normalize == "off" and eight_bit:  # the common case: no float copy
+        return plane
+    if plane.dtype.kind == "f" and not np.isfinite(plane).all():
         raise DataError(f"{path}: the image holds NaN or infinite values")
+    x = plane.astype(np.float64)
     if normalize == "off":
-        if eight_bit:
-            return plane
         return np.round(x * _dtype_scale(plane, path)).clip(0, 255).astype(np.uint8)
     lo, hi = np.percentile(x, normalize)
     if hi <= lo:  # a flat image: nothing to stretch

@@ -108,11 +108,12 @@ def write_outputs(out_dir: Path, stem: str, image: np.ndarray, label: np.ndarray
         raise ValueError(f"label format {label_format!r}; valid: {list(LABEL_FORMATS)}")
     if label_format == "png" and label.max(initial=0) > np.iinfo(np.uint16).max:
         raise ValueError(f"{stem}: {label.max()} instances do not fit a uint16 label PNG (use --label-format tif)")
-    pngs = [("overlays", cv2.cvtColor(overlay(image, label, caption), cv2.COLOR_RGB2BGR))]
+    edge = find_boundaries(label, mode="inner")  # the overlay's outlines and the outline image
+    pngs = [("overlays", cv2.cvtColor(overlay(image, label, caption, edge), cv2.COLOR_RGB2BGR))]
     if label_format == "png":
         pngs.append(("labels", label.astype(np.uint16)))
     if save_outlines:
-        pngs.append(("outlines", find_boundaries(label, mode="inner").astype(np.uint8) * 255))
+        pngs.append(("outlines", edge.astype(np.uint8) * 255))
     for sub, array in pngs:
         with atomic_path(out_dir / sub / f"{stem}.png") as tmp:
             if not cv2.imwrite(str(tmp), array):
@@ -132,9 +133,10 @@ def cell_colours(n: int) -> np.ndarray:
     return (np.array([colorsys.hsv_to_rgb(h, 0.85, 1.0) for h in hues]) * 255).round().astype(np.uint8)
 
 
-def overlay(image: np.ndarray, label: np.ndarray, caption: str = "") -> np.ndarray:
+def overlay(image: np.ndarray, label: np.ndarray, caption: str = "", edge: np.ndarray | None = None) -> np.ndarray:
     """uint8 RGB: the image with each cell tinted and outlined in its own colour
-    (:func:`cell_colours`), ``caption`` written on a dark band across the top."""
+    (:func:`cell_colours`), ``caption`` written on a dark band across the top. ``edge``: the
+    label's inner boundaries when the caller has them already."""
     import cv2
     from skimage.segmentation import find_boundaries
 
@@ -142,7 +144,8 @@ def overlay(image: np.ndarray, label: np.ndarray, caption: str = "") -> np.ndarr
     rgb = np.repeat(image[..., None], 3, axis=2).astype(np.float32)
     cells = label > 0
     rgb[cells] = 0.75 * rgb[cells] + 0.25 * colours[label[cells]]
-    edge = find_boundaries(label, mode="inner")
+    if edge is None:
+        edge = find_boundaries(label, mode="inner")
     rgb[edge] = colours[label[edge]]
     out = rgb.round().astype(np.uint8)
     if caption:

@@ -95,8 +95,9 @@ def segment_tiled(image: np.ndarray, segment_batch: Callable[[list[np.ndarray]],
     scores: list[float] = []
     type_mass, weight = np.zeros(len(CELL_TYPES)), 0.0
     grid = tile_grid((h, w), tiling.size, tiling.overlap)
-    for start in range(0, len(grid), max(1, int(batch_size))):
-        part = grid[start:start + max(1, int(batch_size))]
+    step = max(1, int(batch_size))
+    for start in range(0, len(grid), step):
+        part = grid[start:start + step]
         results = segment_batch([np.ascontiguousarray(image[y0:y1, x0:x1]) for (y0, x0, y1, x1), _ in part])
         if len(results) != len(part):
             raise ValueError(f"segment_batch returned {len(results)} results for {len(part)} tiles")
@@ -116,7 +117,7 @@ def _paint_tile(label: np.ndarray, scores: list[float], window: Window, core: Wi
     y0, x0 = window[:2]
     tw = result.label.shape[1]
     cells = label_to_indices(result.label)
-    ids = np.unique(result.label[result.label > 0])  # the labels of `cells`, same order
+    ids = result.label.reshape(-1)[[c[0] for c in cells]]  # each cell's label: the value at its first pixel
     order = np.argsort(-result.scores[ids - 1], kind="stable") if len(ids) else []
     kept = 0
     flat = label.reshape(-1)
