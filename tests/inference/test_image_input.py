@@ -121,3 +121,17 @@ def test_bad_files_and_values_are_named(tmp_path):
 def test_input_options_refuse_nonsense(bad, match):
     with pytest.raises(ValueError, match=match):
         InputOptions(**bad)
+
+
+def test_more_refusals_are_named(tmp_path):
+    tifffile.imwrite(tmp_path / "signed.tif", np.array([[-5, 3], [2, 1]], np.int16))
+    with pytest.raises(DataError, match="signed.tif: signed image with negative values"):
+        read_image(tmp_path / "signed.tif", InputOptions(normalize="off"))
+    tifffile.imwrite(tmp_path / "two.tif", np.zeros((2, 8, 10), np.uint8), metadata={"axes": "CYX"})
+    with pytest.raises(DataError, match="--channel 2 out of range, the image has 2 channel"):
+        read_image(tmp_path / "two.tif", InputOptions(channel=2))
+    with tifffile.TiffWriter(tmp_path / "mixed.tif") as w:
+        w.write(np.zeros((8, 10), np.uint8))
+        w.write(np.zeros((4, 6), np.uint8))
+    with pytest.raises(DataError, match=r"mixed.tif: 2 images of different shapes"):
+        read_image(tmp_path / "mixed.tif")

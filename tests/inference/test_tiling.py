@@ -163,3 +163,11 @@ def _far_from_seams(pix: np.ndarray, k: int, w: int, h: int, margin: int) -> boo
     right_inner, bottom_inner = k % 2 == 0, k // 2 == 0
     ok = (c.max() < w - margin) if right_inner else (c.min() >= margin)
     return ok and ((r.max() < h - margin) if bottom_inner else (r.min() >= margin))
+
+
+@pytest.mark.parametrize("bad, match", [({"above": -1}, "tile threshold must be >= 0"),
+                                        ({"size": 32}, "tile size must be >= 64 px"),
+                                        ({"max_overlap": 0.0}, r"max_overlap must be in \(0, 1\]")])
+def test_tiling_refuses_nonsense(bad, match):
+    with pytest.raises(ValueError, match=match):
+        Tiling(**bad)
