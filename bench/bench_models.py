@@ -131,8 +131,7 @@ def model_detail(name: str, cfg: config.Config) -> str:
     if name == "yolox":
         return f"{cfg.yolox.size} @ {cfg.yolox.input_size}"
     if name == "maskrcnn":
-        return (f"{cfg.maskrcnn.backbone}{' v2' if cfg.maskrcnn.v2_head else ''} "
-                f"{cfg.maskrcnn.min_size}/{cfg.maskrcnn.max_size}")
+        return f"{cfg.maskrcnn.backbone}{' v2' if cfg.maskrcnn.v2_head else ''}"
     return f"{cfg.upernet.encoder} d{cfg.upernet.decoder_channels}"
 
 

@@ -45,7 +45,7 @@ log = logging.getLogger("neuroseg")
 GPU_OVERRIDES = ["pretrain.enabled=false", "pseudo.enabled=false", "folds.train_folds=[0]",
                  "ensemble.tune_trials=24", "ensemble.cross_validate=false"]
 DRY_RUN_OVERRIDES = ["device=cpu", "yolox.input_size=256", "yolox.multiscale_range=0", "data.train_scale=0.5",
-                     "maskrcnn.min_size=260", "maskrcnn.max_size=352", "maskrcnn.detections_per_image=50",
+                     "maskrcnn.detections_per_image=50",
                      "maskrcnn.rpn_post_nms_top_n_test=200", "maskrcnn.rpn_post_nms_top_n_train=200",
                      "maskrcnn.box_batch_size_per_image=64", "submission.tta_flips=false",
                      "ensemble.tune_trials=2", "folds.n_folds=2"]

@@ -8,12 +8,15 @@ the valid names, so a typo never silently falls back to a default. The resolved 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+log = logging.getLogger("neuroseg")
 
 CELL_TYPES: tuple[str, ...] = ("shsy5y", "astro", "cort")
 """Cell types in label order: label ``i + 1`` of the detectors is ``CELL_TYPES[i]`` (0 = background)."""
@@ -73,8 +76,6 @@ class MaskRCNNConfig:
     backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50
     v2_head: bool = True
     anchor_sizes: tuple[int, ...] = (8, 16, 32, 64, 128)
-    min_size: int = 520  # torchvision's transform: keep the real size, no 800-px upscale
-    max_size: int = 704
     detections_per_image: int = 1000
     rpn_post_nms_top_n_train: int = 3000
     rpn_post_nms_top_n_test: int = 3000
@@ -249,9 +250,30 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+# Keys that once existed: dropped with a warning, so older config files and the configs stored in
+# older checkpoints still load. Value: why the key no longer exists.
+REMOVED_KEYS = {
+    "maskrcnn.min_size": "Mask R-CNN predicts every image at its own size (times data.train_scale), "
+                         "as it trains; torchvision's resize made a 640 x 640 tile 520 x 520",
+    "maskrcnn.max_size": "see maskrcnn.min_size",
+}
+_warned: set[str] = set()
+
+
+def _drop_removed(values: dict[str, Any], where: str) -> dict[str, Any]:
+    gone = [k for k in values if f"{where}.{k}" in REMOVED_KEYS]
+    for k in gone:
+        key = f"{where}.{k}"
+        if key not in _warned:
+            _warned.add(key)
+            log.warning("config key %s is no longer used and is ignored: %s", key, REMOVED_KEYS[key])
+    return {k: v for k, v in values.items() if k not in gone}
+
+
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    values = _drop_removed(values, where)
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; valid: {names}")

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 USER = "test-user"
 TINY = ["device=cpu", "folds.n_folds=2", "folds.train_folds=[0]", "data.train_scale=1.0",
         "yolox.size=nano", "yolox.input_size=64", "maskrcnn.backbone=resnet18", "maskrcnn.v2_head=false",
-        "maskrcnn.min_size=48", "maskrcnn.max_size=96", "maskrcnn.rpn_post_nms_top_n_test=50",
+        "maskrcnn.rpn_post_nms_top_n_test=50",
         "maskrcnn.detections_per_image=5", "upernet.encoder=resnet18", "upernet.decoder_channels=16",
         "submission.tta_flips=true", "submission.batch_size=1"]
 # what the kernel's "Kaggle image" lacks, so the bundle must bring it

@@ -15,11 +15,11 @@ from neuroseg.models.upernet import WatershedParams, probs_to_instances
 from neuroseg.models.weights import WeightsError, load_weights
 from neuroseg.models.yolox import box_ap50
 from neuroseg.structures.box_masks import paste_masks
+from neuroseg.training import checkpoint
 
 TINY = {
     "yolox": ["yolox.size=nano", "yolox.input_size=128", "yolox.mosaic_prob=0"],
-    "maskrcnn": ["maskrcnn.backbone=resnet18", "maskrcnn.v2_head=false", "maskrcnn.min_size=128",
-                 "maskrcnn.max_size=128", "maskrcnn.anchor_sizes=[4,8,16,32,64]",
+    "maskrcnn": ["maskrcnn.backbone=resnet18", "maskrcnn.v2_head=false", "maskrcnn.anchor_sizes=[4,8,16,32,64]",
                  "maskrcnn.rpn_post_nms_top_n_train=100", "maskrcnn.rpn_post_nms_top_n_test=100",
                  # the mask head costs ~1 GFLOP per RoI: few of them (16 sampled per image, at
                  # most 4 positive, so 4 mask RoIs) and 10 detections
@@ -157,8 +157,7 @@ def test_maskrcnn_detect_without_masks_keeps_the_detections(trained, tiny_batch)
 
 
 def test_maskrcnn_v2_heads_build_and_train(tiny_batch):
-    model = tiny_model("maskrcnn", "maskrcnn.v2_head=true", "maskrcnn.min_size=64",
-                       "maskrcnn.max_size=64").train()
+    model = tiny_model("maskrcnn", "maskrcnn.v2_head=true", ).train()
     rpn_convs = [m for m in model.net.rpn.head.conv.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(rpn_convs) == 2  # conv_depth=2
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.net.roi_heads.mask_head.modules())
@@ -188,26 +187,32 @@ def test_maskrcnn_narrow_fpn_and_mask_head_build_train_and_predict(tiny_batch, v
         tiny_model("maskrcnn", "maskrcnn.fpn_channels=0")
 
 
-def test_maskrcnn_keeps_input_coordinates_when_it_resizes(tiny_batch):
-    # min_size 64 halves the 128-px input inside torchvision: boxes must come back at input scale
-    model = tiny_model("maskrcnn", "maskrcnn.min_size=64", "maskrcnn.max_size=64").eval()
-    with torch.no_grad():
-        preds = model(tiny_batch[0])
-    boxes = torch.cat([p["boxes"] for p in preds])
-    assert len(boxes) and boxes.max() > 64 and boxes.max() <= 128
-
-
-def test_maskrcnn_trains_on_inputs_at_their_own_size():
-    """Training inputs come at the model's scale already (train_scale, crop_size windows): the
-    transform must not blow a 64-px crop up to min_size 128; inference still resizes to it."""
+@pytest.mark.parametrize("shape", [(64, 64), (96, 160), (640, 640)])
+def test_maskrcnn_sees_every_input_at_its_own_size(shape):
+    """Inputs come at the model's scale already (data.train_scale, crop_size windows, tiles):
+    neither training nor inference resizes them -- torchvision's transform would blow a 64-px crop
+    up, and shrink a 640 x 640 tile to 520 x 520 -- and boxes stay in input coordinates."""
     model = tiny_model("maskrcnn")
-    crop = [torch.rand(3, 64, 64)]
-    target = [{"boxes": torch.tensor([[8.0, 8.0, 24.0, 24.0]]), "labels": torch.tensor([1]),
-               "masks": torch.zeros((1, 64, 64), dtype=torch.uint8)}]
-    images, targets = model.train().net.transform(crop, target)
-    assert images.image_sizes == [(64, 64)] and targets[0]["boxes"].tolist() == [[8.0, 8.0, 24.0, 24.0]]
-    images, _ = model.eval().net.transform(crop)
-    assert images.image_sizes == [(128, 128)]
+    image = [torch.rand(3, *shape)]
+    target = [{"boxes": torch.tensor([[8.0, 8.0, 24.0, 40.0]]), "labels": torch.tensor([1]),
+               "masks": torch.zeros((1, *shape), dtype=torch.uint8)}]
+    images, targets = model.train().net.transform(image, target)
+    assert images.image_sizes == [shape] and targets[0]["boxes"].tolist() == [[8.0, 8.0, 24.0, 40.0]]
+    images, _ = model.eval().net.transform(image)
+    assert images.image_sizes == [shape]
+    assert images.tensors.shape[-2] % 32 == 0 and images.tensors.shape[-1] % 32 == 0  # padded only
+
+
+def test_removed_resize_keys_load_with_a_warning(caplog):
+    """Older config files and the configs stored in older checkpoints name maskrcnn.min_size."""
+    config._warned.clear()
+    with caplog.at_level("WARNING", logger="neuroseg"):
+        cfg = config.from_dict({"maskrcnn": {"min_size": 520, "max_size": 704, "backbone": "resnet18"}})
+    assert "maskrcnn.min_size is no longer used" in caplog.text
+    assert cfg.maskrcnn.backbone == "resnet18"
+    assert not hasattr(cfg.maskrcnn, "min_size")
+    with pytest.raises(config.ConfigError, match="unknown key"):
+        config.from_dict({"maskrcnn": {"min_sise": 520}})
 
 
 def test_paste_masks_fills_the_box():
@@ -251,6 +256,36 @@ def test_yolox_letterbox_antialiases_when_it_shrinks():
     big, *_ = model._letterbox(small, 64)
     torch.testing.assert_close(big, torch.nn.functional.interpolate(small * 255, size=(64, 64), mode="bilinear",
                                                                    align_corners=False))
+
+
+def test_yolox_infers_at_the_ratio_it_trained_with(tiny_batch):
+    """Training on 128-px images into input_size 64 records the long side (0.5x); at inference a
+    256 x 192 tile is halved too, padded to multiples of 32, not squeezed into 64 x 64. The side
+    survives the EMA and a state-dict round trip; a checkpoint without it fits inputs as before."""
+    model = tiny_model("yolox", "yolox.input_size=64")
+    tile = torch.rand(1, 3, 256, 192)
+    assert int(model.train_long_side) == 0
+    assert model._letterbox(tile, 64, model.inference_ratio())[0].shape == (1, 3, 64, 64)  # untrained: fit
+    ema = checkpoint.ModelEMA(model, 0.9998)
+    model.train()(*tiny_batch)
+    ema.update(model)
+    assert int(model.train_long_side) == 128 and model.inference_ratio() == 0.5
+    assert int(ema.module.train_long_side) == 128  # copied, not averaged from 0
+    x, sx, sy, content = model._letterbox(tile, 64, model.inference_ratio())
+    assert x.shape == (1, 3, 128, 96) and (sx, sy) == (0.5, 0.5) and content == (128, 96)
+    odd, *_ = model._letterbox(torch.rand(1, 3, 100, 150), 64, model.inference_ratio())
+    assert odd.shape == (1, 3, 64, 96)  # 50 x 75 content, padded up to multiples of 32
+    small, *_ = model._letterbox(torch.rand(1, 3, 96, 128), 64, model.inference_ratio())
+    assert small.shape == (1, 3, 64, 64)  # the training size: the training square, as before
+    fresh = tiny_model("yolox", "yolox.input_size=64")
+    fresh.load_state_dict(model.state_dict())
+    assert int(fresh.train_long_side) == 128
+    old = {k: v for k, v in model.state_dict().items() if k != "train_long_side"}
+    fresh.load_state_dict(old)
+    assert int(fresh.train_long_side) == 0
+    with torch.no_grad():
+        preds = model.eval()(tile)
+    assert preds[0]["boxes"].shape[1] == 4 and (preds[0]["boxes"][:, 2] <= 192).all()
 
 
 def test_yolox_mosaic_moves_boxes_with_their_pixels():

@@ -209,7 +209,7 @@ def test_holdout_leaves_every_split_and_may_be_pseudo_labelled(toy, tmp_path):
 # ---- python -m neuroseg pseudo-label, on tiny untrained fold models ----
 
 TINY = ["device=cpu", "folds.n_folds=2", "data.train_scale=1.0", "yolox.size=nano", "yolox.input_size=64",
-        "maskrcnn.backbone=resnet18", "maskrcnn.v2_head=false", "maskrcnn.min_size=32", "maskrcnn.max_size=48",
+        "maskrcnn.backbone=resnet18", "maskrcnn.v2_head=false", 
         "maskrcnn.rpn_post_nms_top_n_test=50", "maskrcnn.detections_per_image=3", "upernet.encoder=resnet18",
         "upernet.decoder_channels=16", "submission.tta_flips=false", "pseudo.min_score=0",
         "pseudo.min_image_score=0", "pseudo.min_instances=1", "pseudo.holdout_fraction=0.5"]

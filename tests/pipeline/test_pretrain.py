@@ -33,8 +33,7 @@ LINES = {"SHSY5Y": "shsy5y", "A172": "cort"}  # cell line -> how the drawn cells
 
 TINY = {
     "yolox": ["yolox.size=nano", "yolox.input_size=64", "yolox.score_threshold=0.0"],
-    "maskrcnn": ["maskrcnn.backbone=resnet18", "maskrcnn.v2_head=false", "maskrcnn.min_size=64",
-                 "maskrcnn.max_size=80", "maskrcnn.rpn_post_nms_top_n_train=200",
+    "maskrcnn": ["maskrcnn.backbone=resnet18", "maskrcnn.v2_head=false", "maskrcnn.rpn_post_nms_top_n_train=200",
                  "maskrcnn.rpn_post_nms_top_n_test=100", "maskrcnn.detections_per_image=10",
                  "maskrcnn.box_batch_size_per_image=64", "maskrcnn.score_threshold=0.0"],
     "upernet": ["upernet.encoder=resnet18", "upernet.decoder_channels=16"],

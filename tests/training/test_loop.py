@@ -190,8 +190,7 @@ def test_ema_ramps_up_and_copies_integer_buffers():
 
 TINY_MODELS = {
     "yolox": ["yolox.size=nano", "yolox.input_size=64"],
-    "maskrcnn": ["maskrcnn.backbone=resnet18", "maskrcnn.v2_head=false", "maskrcnn.min_size=64",
-                 "maskrcnn.max_size=80", "maskrcnn.rpn_post_nms_top_n_train=200",
+    "maskrcnn": ["maskrcnn.backbone=resnet18", "maskrcnn.v2_head=false", "maskrcnn.rpn_post_nms_top_n_train=200",
                  "maskrcnn.rpn_post_nms_top_n_test=100", "maskrcnn.detections_per_image=10",
                  "maskrcnn.box_batch_size_per_image=64"],
     "upernet": ["upernet.encoder=resnet18", "upernet.decoder_channels=16"],

@@ -2,8 +2,11 @@
 
 Built from parts rather than ``maskrcnn_resnet50_fpn*`` so that the backbone size (resnet18/34/50),
 the v2 heads (``v2_head``: 2-conv RPN head, 4-conv+FC box head and BatchNorm mask head, as
-``maskrcnn_resnet50_fpn_v2``), the anchors (small cells need 4-8 px anchors) and the resize
-range (torchvision otherwise upscales everything to 800 px) come from the config.
+``maskrcnn_resnet50_fpn_v2``) and the anchors (small cells need 4-8 px anchors) come from the
+config. Images are never resized inside the model (torchvision would scale every image to 800 px
+on its short side): they arrive at the model's scale, ``data.train_scale``, in training and at
+inference alike, whatever their size -- a 640 x 640 tile or a lab's 1024 x 1024 image sees cells
+at the size the model learnt them.
 
 Eval runs transform -> backbone -> RPN -> ROI heads itself and stops before torchvision's
 ``postprocess``, which would paste every mask into a full-size image: the contract (and the OOF
@@ -24,7 +27,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.models.detection.transform import resize_boxes
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from neuroseg.config import CELL_TYPES, Config, MaskRCNNConfig
@@ -37,6 +40,16 @@ N_FPN_LEVELS = 5  # P2-P5 + the max-pool level: one anchor size each
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 # class-count-dependent layers (COCO has 91 classes, we have 3 + background)
 HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
+
+
+class NativeSizeTransform(GeneralizedRCNNTransform):
+    """torchvision's transform (normalise, batch, pad to a multiple of 32) without its resize."""
+
+    def __init__(self) -> None:
+        super().__init__(min_size=1, max_size=1, image_mean=[GRAY_MEAN] * 3, image_std=[GRAY_STD] * 3)
+
+    def resize(self, image: torch.Tensor, target: dict | None = None) -> tuple[torch.Tensor, dict | None]:
+        return image, target
 
 
 def _network(cfg: MaskRCNNConfig) -> MaskRCNN:
@@ -71,10 +84,6 @@ def _network(cfg: MaskRCNNConfig) -> MaskRCNN:
     net = MaskRCNN(
         backbone,
         num_classes=len(CELL_TYPES) + 1,
-        min_size=cfg.min_size,
-        max_size=cfg.max_size,
-        image_mean=[GRAY_MEAN] * 3,
-        image_std=[GRAY_STD] * 3,
         rpn_anchor_generator=anchors,
         # pre-NMS top-n is per FPN level; never below the post-NMS budget (dense images: ~800 cells)
         rpn_pre_nms_top_n_train=max(2000, cfg.rpn_post_nms_top_n_train),
@@ -87,10 +96,10 @@ def _network(cfg: MaskRCNNConfig) -> MaskRCNN:
         box_detections_per_img=cfg.detections_per_image,
         **heads,
     )
-    # training images already come at the model's scale (data.train_scale, the scale augmentation,
-    # crop_size windows): torchvision would resize each to min_size, blowing a 256-px crop up 2x and
-    # undoing the scale augmentation. Inference still resizes to min_size / max_size.
-    net.transform._skip_resize = True
+    # images already come at the model's scale (data.train_scale, the scale augmentation, crop_size
+    # windows): torchvision's resize would blow a 256-px training crop up to its min_size and shrink
+    # a 640 x 640 tile at inference
+    net.transform = NativeSizeTransform()
     if mask_layers[-1] != 256:  # torchvision sizes the predictor for 256 channels whatever the head
         net.roi_heads.mask_predictor = MaskRCNNPredictor(mask_layers[-1], mask_layers[-1], len(CELL_TYPES) + 1)
     _init_predictors(net)

@@ -5,6 +5,13 @@ square ``input_size`` (gray 114 padding, 0-255 input as the official weights exp
 mosaic (with probability ``mosaic_prob``, switched off with the L1 loss switched on for the last
 ``no_aug_epochs`` epochs, as the YOLOX trainer does), and random multiscale training sizes.
 Predictions are mapped back to the coordinates of the input tensor.
+
+Inference resizes by the ratio training letterboxed with (``input_size`` over the training images'
+long side, which the checkpoint keeps as the ``train_long_side`` buffer), padding to the square
+``input_size`` or beyond it in multiples of 32: an image of another size or shape than the
+training images -- a 640 x 640 tile of a large image -- shows its cells at the size the detector
+learnt, and an image of the training size goes in exactly as before. A model that never trained
+(``train_long_side`` 0) fits the input into ``input_size``.
 """
 
 from __future__ import annotations
@@ -101,6 +108,19 @@ class YoloxModel(NeurosegModel):
         _init_yolo(self.net, cfg.bn_momentum)
         self.cfg = cfg
         self.mosaic_active = cfg.mosaic_prob > 0
+        # the training images' long side, px (0 until the first training step); an integer, so
+        # ModelEMA copies it rather than averaging it from 0
+        self.register_buffer("train_long_side", torch.zeros((), dtype=torch.long))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before the buffer existed: fit inputs into input_size, as they did
+        state_dict.setdefault(prefix + "train_long_side", torch.zeros((), dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def inference_ratio(self) -> float:
+        """The resize factor of inference: training's letterbox ratio, 0 = fit into input_size."""
+        side = int(self.train_long_side)
+        return self.cfg.input_size / side if side else 0.0
 
     # ---- schedule ----
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
@@ -112,17 +132,23 @@ class YoloxModel(NeurosegModel):
         self.net.head.use_l1 = last_phase
 
     # ---- geometry ----
-    def _letterbox(self, images: torch.Tensor, size: int) -> tuple[torch.Tensor, float, float, tuple[int, int]]:
-        """(B,3,H,W) in [0,1] -> (B,3,size,size) in 0..255, content top-left; x/y scales, content hw."""
+    def _letterbox(self, images: torch.Tensor, size: int,
+                   ratio: float = 0.0) -> tuple[torch.Tensor, float, float, tuple[int, int]]:
+        """(B,3,H,W) in [0,1] -> in 0..255, content top-left, padded to (size, size) -- or, with
+        ``ratio``, resized by it and padded to (size, size) or beyond in multiples of 32; x/y
+        scales, content hw."""
         h, w = images.shape[-2:]
-        r = min(size / h, size / w)
+        r = ratio or min(size / h, size / w)
         nh, nw = max(1, round(h * r)), max(1, round(w * r))
+        # with ``ratio``: at least the square of training (an image of the training size is
+        # letterboxed exactly as in training), more in multiples of 32 for a larger one
+        ph, pw = (max(size, -(-nh // 32) * 32), max(size, -(-nw // 32) * 32)) if ratio else (size, size)
         x = images * 255.0
         if (nh, nw) != (h, w):
             # antialias when shrinking (full-size 704 x 520 images into 384: 0.55x): plain bilinear
             # samples 2 of every ~4 pixels and aliases the thin cell edges
             x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=r < 1)
-        x = F.pad(x, (0, size - nw, 0, size - nh), value=PAD_VALUE)
+        x = F.pad(x, (0, pw - nw, 0, ph - nh), value=PAD_VALUE)
         return x, nw / w, nh / h, (nh, nw)
 
     def _train_size(self) -> int:
@@ -190,6 +216,7 @@ class YoloxModel(NeurosegModel):
         return self._detect(images)
 
     def _losses(self, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+        self.train_long_side.fill_(max(images.shape[-2:]))
         x, sx, sy, content = self._letterbox(images, self._train_size())
         scale = images.new_tensor([sx, sy, sx, sy])
         boxes = [t["boxes"].to(images.device).float().reshape(-1, 4) * scale for t in targets]
@@ -208,7 +235,7 @@ class YoloxModel(NeurosegModel):
         from yolox.utils import postprocess
 
         h, w = images.shape[-2:]
-        x, sx, sy, _ = self._letterbox(images, self.cfg.input_size)
+        x, sx, sy, _ = self._letterbox(images, self.cfg.input_size, self.inference_ratio())
         raw = self.net(x)
         dets = postprocess(raw.float(), len(CELL_TYPES), conf_thre=self.cfg.score_threshold,
                            nms_thre=self.cfg.nms_iou, class_agnostic=False)
