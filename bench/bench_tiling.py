@@ -7,11 +7,15 @@
    the whole-image prediction away from the seams (their box ``--margin`` px from the quarter's
    inner edges) are matched to the mosaic's cells: the share with IoU >= 0.95. Duplicates: pairs
    of mosaic cells that touch and whose union is no bigger than 1.5 x the larger one (two copies
-   of one cell, cut differently).
-2. **Memory**: peak RSS of a fresh process that loads the models and segments (a) one tile-sized
-   image (640 x 640: one tile batch) and (b) a 4096 x 4096 mosaic of real images (tiled), each
-   beside the resident memory after loading the models (and reading the images); the ratios
-   (b) / (a) of the peaks, and of the peaks above that baseline, are the claim (within 2x).
+   of one cell, cut differently). Also the share of one untiled pass's cells over the mosaic that
+   the tiled one reproduces. Run twice: with the images whole, and cut to 512 rows
+   (``seams_on_grid``): 520 is no multiple of the models' 64-px feature grid, so in the first the
+   lower images sit 8 px off it in the mosaic and see a shifted grid -- a change no tiling can undo.
+2. **Memory**: peak RSS (``VmHWM``, reset after loading) of a fresh process that loads the models
+   and segments (a) one tile-sized image (640 x 640: one tile batch) and (b) a 4096 x 4096 mosaic
+   of real images (tiled), each beside the resident memory after loading the models (and reading
+   the images); the ratios (b) / (a) of the peaks, and of the peaks above that baseline, are the
+   claim (within 2x).
 3. **16-bit input**: each real image and its x 257 16-bit TIFF copy through ``predict`` with the
    default normalisation (8-bit as is, 16-bit by percentiles): the share of the 8-bit
    prediction's cells matched at IoU >= 0.95 -- and with ``--normalize 1 99`` for both, which
@@ -24,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -92,11 +95,16 @@ def duplicates(label: np.ndarray) -> int:
     return n
 
 
-def seams(args, folds, params, tmp: Path) -> dict:
+def seams(args, folds, params, tmp: Path, rows: int | None = None) -> dict:
+    """The mosaic of four real images (their first ``rows`` rows; all by default) tiled, against
+    each image segmented whole, and against one untiled pass over the mosaic."""
     from PIL import Image
 
     files = real_images(args.data_dir, args.cell_type, 4)
-    quarters = [read_image(f) for f in files]
+    quarters = [read_image(f)[:rows] for f in files]
+    for f, q in zip(files, quarters):
+        Image.fromarray(q).save(tmp / f"{f.stem}.png")
+    files = [tmp / f"{f.stem}.png" for f in files]
     h, w = quarters[0].shape
     mosaic = np.vstack([np.hstack(quarters[:2]), np.hstack(quarters[2:])])
     Image.fromarray(mosaic).save(tmp / "mosaic.png")
@@ -107,6 +115,8 @@ def seams(args, folds, params, tmp: Path) -> dict:
     t0 = time.perf_counter()
     wholes = [r for _, _, r in segment(files, folds, params, args.only, progress=False, reader=read_image)]
     t_whole = time.perf_counter() - t0
+    (_, _, one_pass), = segment([tmp / "mosaic.png"], folds, params, args.only, progress=False,
+                                reader=read_image, tiling=None)
     matched = total = 0
     per_quarter = []
     for k, result in enumerate(wholes):
@@ -116,19 +126,28 @@ def seams(args, folds, params, tmp: Path) -> dict:
         matched, total = matched + m, total + t
         per_quarter.append({"image": files[k].stem, "cells": int(result.label.max()), "away_from_seams": t,
                             "matched": m})
-    return {"images": [f.stem for f in files], "cell_type": args.cell_type, "margin_px": args.margin,
-            "mosaic_cells": int(tiled.label.max()), "quarters_cells": int(sum(r.label.max() for r in wholes)),
+    same, n_one = matched_share(label_to_indices(one_pass.label), tiled.label)
+    return {"images": [f.stem for f in files], "cell_type": args.cell_type, "mosaic_hw": list(mosaic.shape),
+            "margin_px": args.margin, "mosaic_cells": int(tiled.label.max()),
+            "quarters_cells": int(sum(r.label.max() for r in wholes)),
             "away_from_seams": total, "matched_iou95": matched, "share": matched / max(total, 1),
             "duplicates": duplicates(tiled.label), "per_quarter": per_quarter,
+            "one_pass_cells": n_one, "one_pass_matched_iou95": same, "one_pass_share": same / max(n_one, 1),
             "seconds_tiled": round(t_tiled, 1), "seconds_four_whole": round(t_whole, 1)}
 
 
-def current_rss_mb() -> float:
-    """The process's resident memory now (``VmRSS``), MB; ``ru_maxrss`` is the peak."""
+def status_mb(field: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (its peak) of this process, MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def reset_peak_rss() -> None:
+    """Linux resets ``VmHWM`` to the current RSS on ``5`` in clear_refs: loading the checkpoints
+    peaks higher than segmenting a tile, so without this both sizes report the loading peak."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def memory_child(args) -> int:
@@ -138,16 +157,18 @@ def memory_child(args) -> int:
     cfg, params, folds = load(args)
     files = real_images(args.data_dir, args.cell_type, 64)
     tiles = [read_image(f) for f in files]
-    rss_models = current_rss_mb()
+    rss_models = status_mb("VmRSS")
     side = args.child_size
     reps = int(np.ceil(side / tiles[0].shape[0])), int(np.ceil(side / tiles[0].shape[1]))
     rows = [np.hstack([tiles[(i * reps[1] + j) % len(tiles)] for j in range(reps[1])]) for i in range(reps[0])]
     image = np.vstack(rows)[:side, :side]
     path = Path(args.tmp) / f"m{side}.png"
     Image.fromarray(image).save(path)
+    loading_peak = status_mb("VmHWM")
+    reset_peak_rss()
     t0 = time.perf_counter()
     (_, _, result), = segment([path], folds, params, args.only, progress=False, reader=read_image, tiling=Tiling())
-    print(json.dumps({"side": side, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"side": side, "peak_rss_mb": status_mb("VmHWM"), "loading_peak_rss_mb": loading_peak,
                       "rss_after_models_mb": rss_models, "cells": int(result.label.max()),
                       "seconds": round(time.perf_counter() - t0, 1)}))
     return 0
@@ -218,8 +239,9 @@ def main() -> int:
         if parts & {"seams", "16bit"}:
             cfg, params, folds = load(args)
         if "seams" in parts:
-            result["seams"] = seams(args, folds, params, tmp)
-            print("seams:", json.dumps(result["seams"]), flush=True)
+            for name, rows in (("seams", None), ("seams_on_grid", 512)):
+                result[name] = seams(args, folds, params, tmp, rows)
+                print(f"{name}:", json.dumps(result[name]), flush=True)
         if "16bit" in parts:
             result["16bit"] = sixteen_bit(args, folds, params, tmp)
             print("16bit:", json.dumps(result["16bit"]), flush=True)

@@ -8,7 +8,14 @@ import tifffile
 from PIL import Image
 
 from neuroseg.data.records import DataError
-from neuroseg.inference.image_input import TRAINING_LEVELS, InputOptions, read_image, to_uint8
+from neuroseg.inference.image_input import (
+    DEFAULT_PERCENTILES,
+    TRAINING_LEVELS,
+    InputOptions,
+    as_eight_bit_data,
+    read_image,
+    to_uint8,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +48,28 @@ def test_16_bit_and_float_copies_of_a_real_image_read_as_the_original(real_image
     assert not np.array_equal(stretched, real_image)
     for name, path in files.items():
         np.testing.assert_array_equal(read_image(path, InputOptions(normalize=(1, 99))), stretched, err_msg=name)
-    # the default: 8-bit as is, the others by percentiles
-    np.testing.assert_array_equal(read_image(files["png8"]), real_image)
-    np.testing.assert_array_equal(read_image(files["tif16"]), stretched)
+    # the default: 8-bit data as it is, whatever type holds it
+    for name, path in files.items():
+        np.testing.assert_array_equal(read_image(path), real_image, err_msg=name)
     p1, p99 = np.percentile(stretched, [1, 99])
     assert abs(p1 - TRAINING_LEVELS[0]) <= 1 and abs(p99 - TRAINING_LEVELS[1]) <= 1
+
+
+def test_eight_bit_data_in_wider_types_is_found_exactly(real_image):
+    """ImageJ's 8-to-16-bit conversion (values kept), x 257, x 256 (the shift), whole-numbered
+    floats and floats / 255 all read as the 8-bit image; data that is not 8-bit -- 12-bit values,
+    one value off the x 257 grid, floats between the 1/255 steps -- gets the percentiles."""
+    wide = real_image.astype(np.uint16)
+    for copy in (wide, wide * 257, wide * 256, real_image.astype(np.float32),
+                 real_image.astype(np.float32) / 255, real_image.astype(np.int32)):
+        np.testing.assert_array_equal(to_uint8(copy), real_image, err_msg=str(copy.dtype))
+    off_grid = wide * 257
+    off_grid[0, 0] += 1
+    twelve_bit = wide * 16 + 3
+    between = real_image.astype(np.float32) / 255 + 0.5 / 255 * (real_image < 255)
+    for name, data in (("off the grid", off_grid), ("12-bit", twelve_bit), ("between steps", between)):
+        assert as_eight_bit_data(data) is None, name
+        np.testing.assert_array_equal(to_uint8(data), to_uint8(data, DEFAULT_PERCENTILES), err_msg=name)
 
 
 def test_percentile_mapping_by_hand():

@@ -248,7 +248,7 @@ def test_make_submission_needs_tuned_params(stub_test_set):
 
 TINY = ["device=cpu", "folds.n_folds=2", "folds.train_folds=[0]", "data.train_scale=1.0",
         "yolox.size=nano", "yolox.input_size=64", "maskrcnn.backbone=resnet18", "maskrcnn.v2_head=false",
-        "maskrcnn.min_size=32", "maskrcnn.max_size=48", "maskrcnn.rpn_post_nms_top_n_test=50",
+        "maskrcnn.rpn_post_nms_top_n_test=50",
         "maskrcnn.detections_per_image=3", "upernet.encoder=resnet18", "upernet.decoder_channels=16",
         "submission.tta_flips=true"]
 
@@ -521,7 +521,7 @@ def test_predict_folder_gives_16_bit_and_float_copies_the_labels_of_the_8_bit_im
     tifffile.imwrite(src / "af.tif", image.astype(np.float32) / 255)
     tifffile.imwrite(src / "stack.tif", np.stack([np.zeros_like(image), image]), photometric="minisblack")
     files = [src / n for n in ("a.png", "a16.tif", "af.tif")]
-    for k, normalize in enumerate(("off", (1, 99))):
+    for k, normalize in enumerate(("auto", "off", (1, 99))):
         out = tmp_path / f"out{k}"
         assert predict_folder(files, stub_ensemble(False, scale=1.0), EnsembleParams.defaults(), out,
                               options=InputOptions(normalize=normalize)) == 3

@@ -23,12 +23,15 @@ def test_grid_by_hand():
     assert len(grid) == 6 and grid[4] == ((400, 384, 1040, 1024), (520, 512, 1040, 896))
 
 
-@pytest.mark.parametrize("shape, size, overlap", [((1040, 1408), 640, 128), ((4096, 4096), 640, 128),
-                                                  ((700, 300), 256, 100), ((257, 2000), 256, 0)])
-def test_cores_partition_the_image_with_context_on_every_inner_side(shape, size, overlap):
+@pytest.mark.parametrize("shape, size, overlap, align", [
+    ((1040, 1408), 640, 128, 1), ((4096, 4096), 640, 128, 1), ((700, 300), 256, 100, 1), ((257, 2000), 256, 0, 1),
+    ((1040, 1408), 640, 128, 64), ((4100, 3000), 640, 128, 64), ((700, 300), 256, 100, 32)])
+def test_cores_partition_the_image_with_context_on_every_inner_side(shape, size, overlap, align):
     cover = np.zeros(shape, np.int32)
-    for (y0, x0, y1, x1), (cy0, cx0, cy1, cx1) in tile_grid(shape, size, overlap):
-        assert y1 - y0 == min(size, shape[0]) and x1 - x0 == min(size, shape[1])  # one tile size: one batch
+    for (y0, x0, y1, x1), (cy0, cx0, cy1, cx1) in tile_grid(shape, size, overlap, align):
+        assert y0 % align == 0 and x0 % align == 0
+        for extent, side in ((y1 - y0, shape[0]), (x1 - x0, shape[1])):  # the last tiles: cut at the edge
+            assert extent == min(size, side) or (side > size and size - align < extent < size)
         cover[cy0:cy1, cx0:cx1] += 1
         # a core keeps overlap / 2 px from each tile edge that is not the image's edge
         for c, w, edge in ((cy0, y0, 0), (cx0, x0, 0)):
@@ -67,12 +70,49 @@ def cell_sets(label: np.ndarray) -> set[tuple[int, ...]]:
     return {tuple(p) for p in label_to_indices(label)}
 
 
-def test_stitched_cells_equal_the_whole_image_cells():
+@pytest.mark.parametrize("align", [1, 64])  # 64: the last row and column of tiles are shorter
+def test_stitched_cells_equal_the_whole_image_cells(align):
     image = disks((700, 900), 260, 9)
     whole = components([image])[0].label
-    tiled = segment_tiled(image, components, Tiling(above=256, size=256, overlap=48), batch_size=4)
+    tiled = segment_tiled(image, components, Tiling(above=256, size=256, overlap=48, align=align), batch_size=4)
     assert whole.max() > 150 and cell_sets(tiled.label) == cell_sets(whole)  # no cell cut, lost or doubled
-    assert len(tiled.scores) == tiled.label.max() and (tiled.cell_type, tiled.cell_type_prob) == ("cort", 0.9)
+    assert len(tiled.scores) == tiled.label.max() and tiled.cell_type == "cort"
+    assert tiled.cell_type_prob == pytest.approx(0.9)
+
+
+def test_aligned_starts_by_hand_and_their_properties():
+    assert axis_starts(1040, 640, 128, 64) == [0, 448]  # the last tile is cut to 592 px at the edge
+    assert axis_starts(1408, 640, 128, 64) == [0, 384, 768]
+    for length, size, overlap, align in ((4096, 640, 128, 64), (1040, 640, 128, 128), (3001, 512, 100, 96)):
+        starts = axis_starts(length, size, overlap, align)
+        assert starts[0] == 0 and all(s % align == 0 for s in starts)
+        assert length <= starts[-1] + size < length + align
+        assert max(np.diff(starts)) <= size - overlap  # never less overlap than asked
+    with pytest.raises(ValueError, match="align"):
+        Tiling(size=256, overlap=128, align=192)
+
+
+def on_the_grid(tiles: list[np.ndarray]) -> list[FusedResult]:
+    """Like :func:`components`, but a cell loses its pixels on every 64th row of its input: its
+    mask depends on where it falls on a 64-px grid, as a CNN's output on its stride-64 features."""
+    out = []
+    for tile in tiles:
+        fg = tile > 100
+        fg[::64] = False
+        lab = connected(fg, connectivity=1).astype(np.int32)
+        out.append(FusedResult(lab, np.ones(lab.max(), np.float32), "cort", 0.9))
+    return out
+
+
+def test_tiles_on_the_models_grid_give_what_one_pass_gives():
+    """Tile starts on multiples of the stride reproduce a grid-dependent segmenter's whole-image
+    cells; starts off the grid (align 1: 0, 222, 444 on a 700-px side) do not."""
+    image = disks((700, 900), 260, 9)
+    whole = cell_sets(on_the_grid([image])[0].label)
+    aligned = segment_tiled(image, on_the_grid, Tiling(above=256, size=256, overlap=48, align=64))
+    assert cell_sets(aligned.label) == whole
+    off = segment_tiled(image, on_the_grid, Tiling(above=256, size=256, overlap=48, align=1))
+    assert len(cell_sets(off.label) - whole) > 20
 
 
 def test_a_cell_two_tiles_both_claim_is_kept_once():

@@ -10,6 +10,7 @@ tuned by step 05, or with ``only="maskrcnn" | "upernet"`` that model alone
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections import Counter
@@ -24,7 +25,7 @@ from neuroseg.ensemble import fusion
 from neuroseg.inference.fold_models import FoldEnsemble, image_files, iter_predictions
 from neuroseg.inference.image_input import InputOptions, read_image
 from neuroseg.inference.measurements import MEASUREMENT_COLUMNS, SUMMARY_COLUMNS, cell_measurements, image_summary
-from neuroseg.inference.tiling import Tiling, segment_tiled
+from neuroseg.inference.tiling import Tiling, segment_tiled, stride_px
 from neuroseg.paths import Paths
 from neuroseg.utils.atomic_io import atomic_path, atomic_write_csv, atomic_write_json, read_json
 
@@ -68,7 +69,11 @@ def segment(images: Sequence[Path], folds: FoldEnsemble, params: fusion.Ensemble
     # the ensemble runs the mask heads on the boxes it keeps (reusing the detection pass's
     # features); Mask R-CNN alone paints the masks of its own detections
     masks = only is not None
-    whole = None if tiling is None else (lambda im: not tiling.applies(im.shape))
+    whole = None
+    if tiling is not None:
+        whole = lambda im: not tiling.applies(im.shape)  # noqa: E731
+        # tile starts on the models' feature grid, whatever their scale
+        tiling = dataclasses.replace(tiling, align=min(stride_px(folds.scale), tiling.size - tiling.overlap))
     stream = iter_predictions(folds, images, batch_size, masks, failures, reader, whole)
 
     def fuse_one(pred, image, heads) -> fusion.FusedResult:
@@ -191,7 +196,8 @@ def cli_predict(argv: list[str] | None = None) -> int:
     g = p.add_argument_group("input images (PNG or TIFF; 8-bit, 16-bit or float; gray or RGB)")
     g.add_argument("--normalize", nargs="+", default=["auto"], metavar="LOW HIGH",
                    help="map the image's LOW and HIGH percentiles to the training images' grey levels "
-                        "(every image); 'auto' (default): 1 99 for non-8-bit images, 8-bit as is; "
+                        "(every image); 'auto' (default): 8-bit data as is (also in 16-bit or float files "
+                        "that hold it exactly), 1 99 for the others; "
                         "'off': by the data type's range (uint16 / 257, float 0..1 x 255)")
     g.add_argument("--page", type=int, default=None, help="the page (0-based) of multi-page TIFFs")
     g.add_argument("--channel", type=int, default=None, help="the channel (0-based) of multi-channel images")
