@@ -262,3 +262,47 @@ def test_a_failed_run_leaves_nothing(tmp_path: Path, monkeypatch):
     with pytest.raises(RuntimeError):
         write_dataset(tmp_path / "d", 3, seed=0, n_test=1, height=H, width=W)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_livecell_copy_indexes_and_decodes_to_the_drawn_cells(tmp_path: Path):
+    """``--livecell``: the Kaggle copy's layout and json shape (annotations as an object, polygons,
+    one category), TIFFs at 3/4 of the size, a cell line per file-name prefix; the project's own
+    COCO index and dataset read it back to the cells ``synth_image`` drew."""
+    import json
+
+    import tifffile
+
+    from neuroseg.data.coco.dataset import ClassMapping, CocoInstanceDataset
+    from neuroseg.data.coco.index import CocoIndex, build_index
+    from neuroseg.data.synthetic_livecell import LINES
+    from neuroseg.paths import Paths
+
+    summary = write_dataset(tmp_path / "d", n_images=3, seed=1, n_test=0, height=128, width=160, livecell=4)
+    assert summary["livecell"]["train"]["images"] == 4 and summary["livecell"]["val"]["images"] == 1
+    paths = Paths(tmp_path / "d", tmp_path / "out")
+    doc = json.loads(paths.livecell_json("train").read_text())
+    assert isinstance(doc["annotations"], dict) and doc["categories"] == [{"id": 1, "name": "cell", "supercategory": "cell"}]
+    tif = sorted(paths.livecell_images.rglob("*.tif"))
+    assert len(tif) == 5 and {p.parent.name for p in tif} == set(LINES)
+    assert all(p.name.startswith(p.parent.name + "_Phase_") for p in tif)
+    assert tifffile.imread(tif[0]).shape == (96, 120) and tifffile.imread(tif[0]).dtype == np.uint8
+
+    json_path = paths.livecell_json("train")
+    index = CocoIndex(build_index(json_path, paths.livecell_images, paths.pretrain_index(json_path)))
+    dataset = CocoInstanceDataset(index, ClassMapping(), scale=1.0)
+    inter = union = 0
+    for i, im in enumerate(index.images):
+        line = im.file_name.split("_")[0]
+        k = int(im.file_name.split("_")[3])
+        _, drawn = synth_image(LINES[line], np.random.default_rng(np.random.SeedSequence(1, spawn_key=(7, 0, k))),
+                               96, 120)
+        image, target = dataset[i]
+        masks = target["masks"].numpy().astype(bool)
+        assert image.shape == (3, 96, 120) and len(masks) == len(drawn) > 0
+        ious = [(a & b).sum() / (a | b).sum() for a, b in zip(masks, drawn)]
+        assert min(ious) > 0.6, (im.file_name, ious)  # polygons through the outline pixels' centres
+        inter += sum((a & b).sum() for a, b in zip(masks, drawn))
+        union += sum((a | b).sum() for a, b in zip(masks, drawn))
+    assert inter / union > 0.8
+    with pytest.raises(ValueError, match="LIVECell images >= 0"):
+        write_dataset(tmp_path / "e", n_images=1, seed=0, livecell=-1)

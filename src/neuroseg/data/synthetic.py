@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 
 from neuroseg.config import CELL_TYPES
+from neuroseg.data.synthetic_livecell import write_livecell
 from neuroseg.structures import rle
 from neuroseg.utils.atomic_io import atomic_path
 
@@ -324,7 +325,7 @@ def _unique_ids(rng: np.random.Generator, n: int) -> list[str]:
     return ids
 
 
-def _fill(root: Path, n_images: int, seed: int, n_test: int, height: int, width: int) -> dict:
+def _fill(root: Path, n_images: int, seed: int, n_test: int, height: int, width: int, livecell: int) -> dict:
     layout = _image_rng(seed, 0, 0)
     n_semi = n_images // 4
     ids = _unique_ids(layout, n_images + n_test + n_semi)
@@ -357,24 +358,33 @@ def _fill(root: Path, n_images: int, seed: int, n_test: int, height: int, width:
         (root / name).write_text("\n".join(lines) + "\n")
     sub = ["id,predicted"] + [f"{i}," for i in sorted(test_ids)]
     (root / "sample_submission.csv").write_text("\n".join(sub) + "\n")
-    return {"n_train": n_images, "n_test": n_test, "n_semi_supervised": n_semi,
+    extra = {}
+    if livecell:  # LIVECell's images are not the competition's size: three quarters of it here
+        extra["livecell"] = write_livecell(root, livecell, seed, _quarter_less(height), _quarter_less(width),
+                                           synth_image)
+    return {**extra, "n_train": n_images, "n_test": n_test, "n_semi_supervised": n_semi,
             "n_annotations": len(rows), "per_type": per_type, "height": height, "width": width,
             "seed": seed}
 
 
+def _quarter_less(side: int) -> int:
+    return max(32, side * 3 // 4 // 8 * 8)
+
+
 def write_dataset(out_dir: str | Path, n_images: int, seed: int, n_test: int = 3,
-                  height: int = FULL_H, width: int = FULL_W, overwrite: bool = False) -> dict:
+                  height: int = FULL_H, width: int = FULL_W, overwrite: bool = False, livecell: int = 0) -> dict:
     """Write ``train.csv``, ``train/``, ``test/``, ``train_semi_supervised/`` (``n_images // 4``
     unlabelled PNGs), ``sample_submission.csv`` and the test images' labels ``test_truth.csv``
-    under ``out_dir``; return a summary dict.
+    under ``out_dir``; with ``livecell`` also ``LIVECell_dataset_2021/`` (that many train TIFFs,
+    a quarter as many val, at 3/4 of the size: ``synthetic_livecell``); return a summary dict.
 
     The folder is built beside ``out_dir`` and renamed into place, so a killed run leaves no half
     dataset (stronger than per-file atomic writes). ``out_dir`` must be absent or empty, unless
     ``overwrite`` and it holds an earlier dataset (a ``train.csv``).
     """
-    if n_images < 1 or n_test < 0 or height < 32 or width < 32:
-        raise ValueError(f"need images >= 1, test images >= 0, size >= 32x32; got {n_images}, "
-                         f"{n_test}, {height}x{width}")
+    if n_images < 1 or n_test < 0 or livecell < 0 or height < 32 or width < 32:
+        raise ValueError(f"need images >= 1, test images >= 0, LIVECell images >= 0, size >= 32x32; got "
+                         f"{n_images}, {n_test}, {livecell}, {height}x{width}")
     out = Path(out_dir)
     old = out.exists() and (not out.is_dir() or any(out.iterdir()))
     if old and not (overwrite and (out / "train.csv").is_file()):
@@ -384,7 +394,7 @@ def write_dataset(out_dir: str | Path, n_images: int, seed: int, n_test: int = 3
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the dataset is meant to be shared
     try:
-        summary = _fill(tmp, n_images, seed, n_test, height, width)
+        summary = _fill(tmp, n_images, seed, n_test, height, width, livecell)
         if old:
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             os.replace(out, trash / "d")
@@ -435,13 +445,15 @@ def cli_synth(argv: list[str]) -> int:
     parser.add_argument("--test-images", type=int, default=3)
     parser.add_argument("--height", type=int, default=FULL_H)
     parser.add_argument("--width", type=int, default=FULL_W)
+    parser.add_argument("--livecell", type=int, default=0, metavar="N",
+                        help="also a LIVECell-style COCO set (N train TIFFs, N/4 val) for the pretraining path")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier dataset in OUT_DIR")
     parser.add_argument("--preview", type=Path, help="also write a PNG of images with masks outlined")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         summary = write_dataset(args.out_dir, args.images, args.seed, args.test_images, args.height,
-                                args.width, overwrite=args.overwrite)
+                                args.width, overwrite=args.overwrite, livecell=args.livecell)
     except (ValueError, FileExistsError) as e:
         parser.error(str(e))
     summary["seconds"] = round(time.perf_counter() - start, 2)
