@@ -294,8 +294,12 @@ def test_fit_resuming_without_best_pt_writes_a_new_one_at_the_next_validation(tm
 
 
 def test_a_finished_run_whose_best_pt_was_deleted_rewrites_it_from_the_last_weights(tmp_path, caplog):
-    first = toy_fit(tmp_path)  # both epochs done
+    seen = {}
+    first = toy_fit(tmp_path, on_epoch_end=lambda e, r: seen.setdefault(e, checkpoint.load(tmp_path / "last.pt")))
     last = checkpoint.load(tmp_path / "last.pt")
+    # the optimizer state is kept while epochs are left to resume, dropped after the last one
+    assert seen[1]["optimizer"]["state"] and last["epoch"] == 2 and last["optimizer"] is None
+    assert last["scheduler"]["last_epoch"] == seen[1]["scheduler"]["last_epoch"] + 2  # 2 steps an epoch
     (tmp_path / "best.pt").unlink()
     epochs = []
     with caplog.at_level(logging.WARNING, logger="neuroseg"):

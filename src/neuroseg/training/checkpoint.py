@@ -1,6 +1,7 @@
 """Checkpoints, the EMA of weights and RNG state: what a killed run needs to resume exactly.
 
-``last.pt`` (every epoch) holds the full training state; ``best.pt`` holds only what inference
+``last.pt`` (every epoch) holds the full training state -- after the last epoch without the
+optimizer's state, which nothing needs then; ``best.pt`` holds only what inference
 needs: ``{"model": state_dict, "model_name", "fold", "epoch", "metric", "config", "config_hash"}``
 where ``model`` is the EMA weights when the model trains with EMA. ``load_for_inference`` rebuilds
 a model from ``best.pt`` (used by the OOF step and test-time prediction).

@@ -262,7 +262,8 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, tc: TrainConfig,
         base.load_state_dict(ck["model"])
         if ema is not None and ck.get("ema") is not None:
             ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["optimizer"])
+        if ck.get("optimizer") is not None:  # None: the last epoch's checkpoint, nothing left to train
+            opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
         checkpoint.set_rng_state(ck["rng"])
@@ -321,10 +322,13 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, tc: TrainConfig,
                 weights = (ema.module if ema is not None else base).state_dict()
                 checkpoint.save({**run.meta, "model": weights, "epoch": epoch + 1, "metric": best,
                                  "config_hash": run.config_hash}, run.best_path)
+            # after the last epoch no step is left to resume: without the optimizer's moments
+            # last.pt is half the size (YOLOX-x with EMA: 0.8 GB, not 1.6 GB, per fold)
             checkpoint.save({**run.meta, "model": base.state_dict(),
                              "ema": ema.state_dict() if ema is not None else None,
-                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                             "scaler": scaler.state_dict(), "epoch": epoch + 1, "best_metric": best,
+                             "optimizer": opt.state_dict() if epoch + 1 < tc.epochs else None,
+                             "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                             "epoch": epoch + 1, "best_metric": best,
                              "best_epoch": best_epoch, "rng": checkpoint.rng_state(), "history": rows,
                              "config_hash": run.config_hash, "world_size": info.world_size},
                             run.last_path)
