@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -70,7 +71,8 @@ def toy_run(tmp_path_factory):
     log = done.stdout + done.stderr
     (root / "make.log").write_text(log)
     assert done.returncode == 0, f"make pseudo submission failed (log {root / 'make.log'}):\n{log[-6000:]}"
-    return paths, log, seconds
+    yield paths, log, seconds
+    shutil.rmtree(root)  # ~10 GB of checkpoints: pytest keeps its last three runs' folders
 
 
 @pytest.mark.slow
@@ -117,3 +119,4 @@ def test_the_toy_runs_kaggle_bundle_notebook_writes_06s_submission(toy_run, tmp_
     notebook_csv = root / "working" / "submission.csv"
     assert validate_submission(notebook_csv, paths.test_images) == []
     assert notebook_csv.read_bytes() == paths.submission_csv.read_bytes()  # 15 fold models, flip TTA
+    shutil.rmtree(bundle)  # the weights: links to the checkpoints, or 5 GB of copies
