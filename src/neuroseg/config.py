@@ -88,6 +88,9 @@ class MaskRCNNConfig:
     score_threshold: float = 0.05
     nms_iou: float = 0.5
     trainable_backbone_layers: int = 5
+    # one foreground class: boxes and masks for "cell", the image's type left to the other voters
+    # (the image classifier, UPerNet, YOLOX); detections then carry label 0 (untyped)
+    class_agnostic: bool = False
     weights: str = ""  # local torchvision COCO Mask R-CNN .pth, optional
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-4))
 

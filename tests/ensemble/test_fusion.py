@@ -109,6 +109,26 @@ def test_the_image_classifier_votes_when_params_carry_one():
     assert single_model(pred, "upernet", params).cell_type == "astro"  # a model alone keeps its own vote
 
 
+def test_untyped_boxes_of_a_class_agnostic_model_do_not_vote():
+    """Label 0 (``maskrcnn.class_agnostic``): the detector has no say on the cell type, the others
+    decide; Mask R-CNN alone then works under the image classifier's type, or refuses without one."""
+    pred = image_pred("a", "astro")  # YOLOX and UPerNet say astro
+    pred.maskrcnn[0].labels[:] = 0
+    votes = type_votes(pred)
+    assert "maskrcnn" not in votes and set(votes) == {"yolox", "upernet"}
+    assert fuse(pred, EnsembleParams.defaults(), ellipse_mask_fn()).cell_type == "astro"
+    pred.image_cell_type_probs = type_probs("cort")
+    alone = single_model(pred, "maskrcnn", EnsembleParams.defaults())
+    assert alone.cell_type == "cort" and len(alone.scores) == len(CELLS)
+    assert alone.cell_type_prob == pytest.approx(type_probs("cort")[CELL_TYPES.index("cort")])
+    pred.image_cell_type_probs = None
+    with pytest.raises(ValueError, match="untyped .*class-agnostic.*cell_type_classifier"):
+        single_model(pred, "maskrcnn", EnsembleParams.defaults())
+    # a typed detector that found nothing keeps its (empty) vote: no error for it alone
+    empty = ImagePredictions("e", H, W, maskrcnn=[boxset([], [], 1)], maskrcnn_mask_probs=[np.zeros((0, 28, 28))])
+    assert "maskrcnn" in type_votes(empty) and len(single_model(empty, "maskrcnn", EnsembleParams.defaults()).scores) == 0
+
+
 def test_cell_type_probability_is_the_normalised_weighted_vote():
     votes = {"maskrcnn": np.array([0.0, 1.0, 0.0]), "upernet": np.array([0.5, 0.5, 0.0])}
     # (1 x (0, 1, 0) + 2 x (0.5, 0.5, 0)) / 3

@@ -107,7 +107,8 @@ def test_an_empty_write_is_refused_not_cached_as_fresh(paths):
 
 @pytest.mark.parametrize("model, pred, match", [
     ("yolox", {"boxes": np.zeros((1, 4)), "scores": np.zeros(1)}, r"lacks \['labels'\]"),
-    ("yolox", {**det(2), "labels": np.array([1, 4])}, "labels must be in 1..3"),
+    ("yolox", {**det(2), "labels": np.array([1, 4])}, r"labels must be in 0..3"),
+    ("maskrcnn", {**det(2), "mask_probs": np.zeros((2, 28, 28)), "labels": np.array([-1, 0])}, r"labels must be in 0..3"),
     ("yolox", {**det(2), "scores": np.zeros(3)}, "inconsistent shapes"),
     ("maskrcnn", {**det(2), "mask_probs": np.zeros((2, 14, 14))}, "inconsistent shapes"),
     ("upernet", {"probs": np.zeros((2, 4, 4)), "cell_type_probs": np.zeros(3)}, r"expected \(3,H,W\)"),

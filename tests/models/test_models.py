@@ -450,3 +450,31 @@ def test_upernet_encoder_weights_from_a_plain_timm_checkpoint(tmp_path):
 def test_yolox_batchnorm_momentum_comes_from_the_config():
     bns = [m for m in tiny_model("yolox", "yolox.bn_momentum=0.2").modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and all(bn.momentum == 0.2 and bn.eps == 1e-3 for bn in bns)
+
+
+def test_maskrcnn_class_agnostic_has_one_cell_class_and_untyped_detections(tiny_batch):
+    """``class_agnostic``: box and mask predictors of background + "cell"; the cell-type labels of
+    the targets are learnt as that one class; detections carry label 0; the mask head ignores the
+    labels it is given (any cell type gets the "cell" mask)."""
+    images, targets = tiny_batch
+    assert {int(v) for t in targets for v in t["labels"]} > {1}  # the batch holds more than one type
+    model = tiny_model("maskrcnn", "maskrcnn.class_agnostic=true").train()
+    rh = model.net.roi_heads
+    assert rh.box_predictor.cls_score.out_features == 2 and rh.box_predictor.bbox_pred.out_features == 8
+    assert rh.mask_predictor.mask_fcn_logits.out_channels == 2
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    for _ in range(3):  # a label of 2 or 3 would index past the 2 classes and fail here
+        loss = sum(model(images, targets).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    recalibrate_bn(model, images, targets)
+    with torch.no_grad():
+        preds = model.eval()(images)
+        boxes = [p["boxes"] for p in preds]
+        typed = [model.masks_for_boxes(images, boxes, [torch.full((len(b),), k) for b in boxes]) for k in (1, 2, 3)]
+    assert sum(len(p["labels"]) for p in preds) > 0
+    assert all((p["labels"] == 0).all() for p in preds)
+    for p, m1, m3 in zip(preds, typed[0], typed[2]):
+        assert torch.equal(m1, m3)
+        assert torch.allclose(p["mask_probs"], m1, atol=1e-5)

@@ -54,7 +54,6 @@ def cross_validated_scores(oof_by_model: Mapping[str, Mapping[str, Mapping[str, 
             pred = predictions_from_oof(i, truth[i].shape, arrays, probs)
             mask_fn = mask_fns[i] if mask_fns is not None and "maskrcnn" in models else None
             per_image["ensemble"][i] = label_score(fusion.fuse(pred, params, mask_fn).label, truth[i])
-            plain = predictions_from_oof(i, truth[i].shape, arrays)  # a model alone votes by itself
-            for m in singles:
-                per_image[m][i] = label_score(fusion.single_model(plain, m, params, mask_fn).label, truth[i])
+            for m in singles:  # a model alone votes by itself (fusion.own_vote)
+                per_image[m][i] = label_score(fusion.single_model(pred, m, params, mask_fn).label, truth[i])
     return {"per_image": per_image, "folds": folds}

@@ -58,16 +58,21 @@ class FusedResult:
 
 def type_votes(pred: ImagePredictions) -> dict[str, np.ndarray]:
     """Each present voter's cell-type distribution ``(3,)``: a detector's score mass per label
-    (averaged over its passes), UPerNet's cell-type head, the image classifier's probabilities."""
+    (averaged over its passes; none from a detector whose boxes are all untyped, label 0),
+    UPerNet's cell-type head, the image classifier's probabilities."""
     votes: dict[str, np.ndarray] = {}
     for model in BOX_MODELS:
         passes = getattr(pred, model) or []
         if passes:
             mass = np.zeros(len(CELL_TYPES))
             for p in passes:
-                m = np.bincount(p.labels - 1, weights=p.scores, minlength=len(CELL_TYPES))[:len(CELL_TYPES)]
+                typed = p.labels > 0  # label 0: a class-agnostic model's box, no say on the type
+                m = np.bincount(p.labels[typed] - 1, weights=p.scores[typed],
+                                minlength=len(CELL_TYPES))[:len(CELL_TYPES)]
                 mass += m / m.sum() if m.sum() > 0 else 0.0
-            votes[model] = mass / len(passes)
+            untyped = any(len(p) for p in passes) and not any((p.labels > 0).any() for p in passes)
+            if not untyped:
+                votes[model] = mass / len(passes)
     if pred.upernet_cell_type_probs is not None:
         votes["upernet"] = np.asarray(pred.upernet_cell_type_probs, dtype=np.float64).ravel()
     if pred.image_cell_type_probs is not None:
@@ -99,6 +104,16 @@ def vote(votes: dict[str, np.ndarray], weights: dict[str, float]) -> tuple[str, 
     dist = cell_type_distribution(votes, weights)
     k = int(np.argmax(dist))
     return CELL_TYPES[k], float(dist[k])
+
+
+def own_vote(votes: dict[str, np.ndarray], model: str) -> tuple[str, float]:
+    """The cell type a single model works under: its own vote, or for a class-agnostic detector
+    (no vote of its own) the image classifier's; ``ValueError`` when neither is there."""
+    voter = model if model in votes else "image"
+    if voter not in votes:
+        raise ValueError(f"no cell-type vote for {model} alone: its boxes are untyped (class-agnostic) "
+                         f"and there is no image classifier (ensemble.cell_type_classifier)")
+    return vote({voter: votes[voter]}, {voter: 1.0})
 
 
 def vote_cell_type(votes: dict[str, np.ndarray], weights: dict[str, float]) -> str:
@@ -333,16 +348,16 @@ def upernet_alone(probs: np.ndarray, up: UPerNetParams) -> tuple[np.ndarray, np.
 
 def single_model(pred: ImagePredictions, model: str, params: EnsembleParams,
                  mask_fn: MaskFn | None = None) -> FusedResult:
-    """One model alone with its own tuned post-processing; the cell type is that model's vote.
+    """One model alone with its own tuned post-processing; the cell type is that model's vote
+    (:func:`own_vote`: the image classifier's for a class-agnostic Mask R-CNN).
 
     Mask R-CNN with one pass uses its own masks; with several passes (folds/TTA) its boxes are
     fused by WBF and masked by ``mask_fn`` (required then), without YOLOX or UPerNet."""
     if model not in SINGLE_MODELS:
         raise ValueError(f"single_model: unknown model {model!r}; valid: {list(SINGLE_MODELS)}")
-    votes = type_votes(pred)
-    if model not in votes:
+    if not (pred.maskrcnn if model == "maskrcnn" else pred.upernet_probs is not None):
         raise ValueError(f"image {pred.image_id}: no {model} predictions")
-    cell_type, prob = vote({model: votes[model]}, {model: 1.0})
+    cell_type, prob = own_vote(type_votes(pred), model)
     if model == "upernet":
         label, scores = upernet_alone(pred.upernet_probs, params.upernet[cell_type])
         return FusedResult(label, scores, cell_type, prob)

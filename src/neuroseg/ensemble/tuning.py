@@ -417,7 +417,7 @@ def tune_ensemble(oof_by_model: Mapping[str, Mapping[str, Mapping[str, np.ndarra
                               "vote_accuracy": {"ensemble": acc}, "evaluations": {}, "per_image": {}}
 
     def own_type(i: str, m: str) -> str:
-        return ens.vote_cell_type({m: votes[i][m]}, {m: 1.0})
+        return ens.own_vote(votes[i], m)[0]
 
     if image_type_probs is not None:
         report["vote_accuracy"]["image"] = float(np.mean([own_type(i, "image") == truth[i].cell_type for i in ids]))

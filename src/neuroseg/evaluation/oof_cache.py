@@ -157,8 +157,9 @@ def validate_prediction(model: str, pred: dict[str, np.ndarray], original_hw: tu
         if bad:
             raise OOFError(f"{where or model}: inconsistent shapes "
                            f"{ {k: out[k].shape for k in spec} } ({bad})")
-        if n and not ((out["labels"] >= 1) & (out["labels"] <= 3)).all():
-            raise OOFError(f"{where or model}: labels must be in 1..3, got {np.unique(out['labels'])}")
+        if n and not ((out["labels"] >= 0) & (out["labels"] <= 3)).all():
+            raise OOFError(f"{where or model}: labels must be in 0..3 (0 = untyped), got "
+                           f"{np.unique(out['labels'])}")
     else:
         if out["probs"].shape[0] != 3 or out["cell_type_probs"].shape != (3,):
             raise OOFError(f"{where or model}: probs {out['probs'].shape}, cell_type_probs "

@@ -77,9 +77,9 @@ def segment(images: Sequence[Path], folds: FoldEnsemble, params: fusion.Ensemble
     stream = iter_predictions(folds, images, batch_size, masks, failures, reader, whole)
 
     def fuse_one(pred, image, heads) -> fusion.FusedResult:
-        if only is None:
-            return fusion.fuse(fusion.add_image_vote(pred, image, params), params, heads)
-        return fusion.single_model(pred, only, params, heads)
+        # a model alone keeps its own type vote; the image classifier's serves an untyped one
+        pred = fusion.add_image_vote(pred, image, params)
+        return fusion.fuse(pred, params, heads) if only is None else fusion.single_model(pred, only, params, heads)
 
     def segment_tiles(tiles: list[np.ndarray]) -> list[fusion.FusedResult]:  # tiles of one size
         outs = folds.predict_with_heads(tiles, [f"tile{k}" for k in range(len(tiles))], masks)

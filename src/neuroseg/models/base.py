@@ -4,7 +4,8 @@
 the engine minimises); in eval mode ``model(images)`` returns one prediction dict per image:
 
 * ``yolox``    -> {"boxes": (N,4) xyxy, "scores": (N,), "labels": (N,) int64 in 1..3}
-* ``maskrcnn`` -> the same plus "mask_probs": (N,M,M) mask probability at box resolution
+* ``maskrcnn`` -> the same plus "mask_probs": (N,M,M) mask probability at box resolution; with
+                  ``class_agnostic`` its labels are all 0 (untyped)
 * ``upernet``  -> {"probs": (3,H,W) softmax over background/interior/border,
                   "cell_type_probs": (3,)}
 

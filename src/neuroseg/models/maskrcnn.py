@@ -38,7 +38,7 @@ from neuroseg.structures.box_masks import MASK_THRESHOLD, paste_masks
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 N_FPN_LEVELS = 5  # P2-P5 + the max-pool level: one anchor size each
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
-# class-count-dependent layers (COCO has 91 classes, we have 3 + background)
+# class-count-dependent layers (COCO has 91 classes, we have 3 + background, or 1 + background)
 HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
 
 
@@ -81,9 +81,10 @@ def _network(cfg: MaskRCNNConfig) -> MaskRCNN:
         heads["mask_head"] = MaskRCNNHeads(c, mask_layers, 1, norm_layer=nn.BatchNorm2d)
     elif mask_layers != [256] * 4:
         heads["mask_head"] = MaskRCNNHeads(c, mask_layers, 1)
+    n_classes = num_classes(cfg)
     net = MaskRCNN(
         backbone,
-        num_classes=len(CELL_TYPES) + 1,
+        num_classes=n_classes,
         rpn_anchor_generator=anchors,
         # pre-NMS top-n is per FPN level; never below the post-NMS budget (dense images: ~800 cells)
         rpn_pre_nms_top_n_train=max(2000, cfg.rpn_post_nms_top_n_train),
@@ -101,9 +102,15 @@ def _network(cfg: MaskRCNNConfig) -> MaskRCNN:
     # a 640 x 640 tile at inference
     net.transform = NativeSizeTransform()
     if mask_layers[-1] != 256:  # torchvision sizes the predictor for 256 channels whatever the head
-        net.roi_heads.mask_predictor = MaskRCNNPredictor(mask_layers[-1], mask_layers[-1], len(CELL_TYPES) + 1)
+        net.roi_heads.mask_predictor = MaskRCNNPredictor(mask_layers[-1], mask_layers[-1], n_classes)
     _init_predictors(net)
     return net
+
+
+def num_classes(cfg: MaskRCNNConfig) -> int:
+    """Classes of the box and mask predictors, background included: one per cell type, or one
+    "cell" class (``class_agnostic``)."""
+    return 2 if cfg.class_agnostic else len(CELL_TYPES) + 1
 
 
 def _init_predictors(net: MaskRCNN) -> None:
@@ -134,10 +141,14 @@ class MaskRCNNModel(NeurosegModel):
                 raise ValueError("training mode needs one target dict per image")
             dev = images.device
             tv_targets = [{"boxes": t["boxes"].to(dev).float().reshape(-1, 4),
-                           "labels": t["labels"].to(dev).long(),
+                           "labels": self._net_labels(t["labels"].to(dev).long()),
                            "masks": t["masks"].to(dev)} for t in targets]
             return self.net(list(images), tv_targets)
         return self._detect(images)
+
+    def _net_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Cell-type labels 1..3 -> the network's classes (all 1, "cell", when class-agnostic)."""
+        return torch.ones_like(labels) if self.cfg.class_agnostic else labels
 
     def box_features(self, images: torch.Tensor) -> tuple:
         """``(image list, FPN features)`` of ``images``: what detection and ``masks_for_boxes``
@@ -166,7 +177,8 @@ class MaskRCNNModel(NeurosegModel):
             dets = [{"boxes": b, "scores": sc, "labels": lab} for b, sc, lab in zip(boxes, scores, labels)]
         out = []
         for d, s in zip(dets, image_list.image_sizes):
-            o = {"boxes": resize_boxes(d["boxes"], list(s), size), "scores": d["scores"], "labels": d["labels"]}
+            labels = torch.zeros_like(d["labels"]) if self.cfg.class_agnostic else d["labels"]  # 0 = untyped
+            o = {"boxes": resize_boxes(d["boxes"], list(s), size), "scores": d["scores"], "labels": labels}
             if masks:
                 o["mask_probs"] = d["masks"][:, 0]
             out.append(o)
@@ -189,7 +201,7 @@ class MaskRCNNModel(NeurosegModel):
                   for b, s in zip(boxes, image_list.image_sizes)]
         rh = self.net.roi_heads
         x = rh.mask_predictor(rh.mask_head(rh.mask_roi_pool(features, tboxes, image_list.image_sizes)))
-        probs = maskrcnn_inference(x, [lab.to(dev).long().reshape(-1) for lab in labels])
+        probs = maskrcnn_inference(x, [self._net_labels(lab.to(dev).long().reshape(-1)) for lab in labels])
         return [p[:, 0] for p in probs]
 
     def score_predictions(self, preds: list[dict], targets: list[dict]) -> list[dict[str, float]]:

@@ -16,7 +16,7 @@ class BoxSet:
 
     boxes: np.ndarray  # (N, 4) float32 xyxy px
     scores: np.ndarray  # (N,) float32
-    labels: np.ndarray  # (N,) int64, 1..3 = CELL_TYPES index + 1
+    labels: np.ndarray  # (N,) int64, 1..3 = CELL_TYPES index + 1; 0 = untyped (a class-agnostic model)
 
     def __post_init__(self) -> None:
         self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
@@ -51,4 +51,5 @@ class ImagePredictions:
 
 
 MaskFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
-"""``(boxes (N,4) float32 original px, labels (N,) 1..3) -> (N,28,28)`` mask probabilities."""
+"""``(boxes (N,4) float32 original px, labels (N,) 1..3) -> (N,28,28)`` mask probabilities (a
+class-agnostic mask head ignores the labels)."""
