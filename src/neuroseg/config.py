@@ -136,6 +136,9 @@ class EnsembleConfig:
     # 05 keeps the Mask R-CNN FPN features of OOF images (the mask head then reruns without the
     # backbone for every box-fusion setting) up to this many MB; the rest recompute them
     feature_cache_mb: int = 2048
+    # ... and each model's OOF arrays decoded, up to this many MB per model (the rest are read
+    # from their compressed files again at every evaluation)
+    oof_keep_mb: int = 1024
     # fit the image-statistics cell-type classifier (celltype.py) and let it vote on cell types
     cell_type_classifier: bool = True
     # also report scores cross-validated over the OOF folds (tune on the other folds, score this

@@ -245,3 +245,25 @@ def test_score_oof_cli_scores_a_perfect_cache_high_and_a_miss_zero(tmp_path, cap
     assert by_type["shsy5y"]["images"] == 2
     assert by_type["shsy5y"][key] == pytest.approx(expected / 2)
     assert result["overall"][key] == pytest.approx(expected * 3 / 4)
+
+
+def test_lazy_oof_keeps_decoded_images_within_its_budget(paths, monkeypatch):
+    pred = {"probs": np.full((3, 40, 50), 0.25), "cell_type_probs": [0.2, 0.3, 0.5]}
+    oof_cache.write_oof(paths, "upernet", 0, [(i, pred) for i in "abc"], "c", "s")
+    manifests = {0: oof_cache.read_manifest(paths, "upernet", 0)}
+    size = sum(a.nbytes for a in load_oof(paths, "upernet", 0)["a"].values())
+    loads = []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    lazy = oof_cache.LazyOOF(paths, "upernet", manifests, keep_mb=2.5 * size / 2**20)  # room for two
+    first = lazy["a"]
+    assert lazy["a"] is first and len(loads) == 1  # kept: not read again
+    with pytest.raises(ValueError, match="read-only"):
+        first["probs"][0, 0, 0] = 1.0  # shared with every later reader
+    lazy["b"], lazy["c"]  # "a" is the least recently used of three: dropped
+    assert len(loads) == 3 and lazy["c"] is lazy["c"] and len(loads) == 3
+    np.testing.assert_array_equal(lazy["a"]["probs"], first["probs"])
+    assert len(loads) == 4
+    unkept = oof_cache.LazyOOF(paths, "upernet", manifests)  # no budget: read on every access
+    unkept["a"], unkept["a"]
+    assert len(loads) == 6

@@ -17,7 +17,7 @@ import numpy as np
 
 from neuroseg.config import Config
 from neuroseg.ensemble import fusion
-from neuroseg.ensemble.tuning import Truth, predictions_from_oof, tune_ensemble
+from neuroseg.ensemble.tuning import RowMemo, Truth, predictions_from_oof, tune_ensemble
 from neuroseg.evaluation.metric import image_score, iou_sparse
 from neuroseg.structures.predictions import MaskFn
 
@@ -32,10 +32,12 @@ def label_score(label: np.ndarray, truth: Truth) -> float:
 def cross_validated_scores(oof_by_model: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
                            truth: Mapping[str, Truth], fold_of: Mapping[str, int], cfg: Config,
                            mask_fns: Mapping[str, MaskFn] | None = None,
-                           image_type_probs: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+                           image_type_probs: Mapping[str, np.ndarray] | None = None,
+                           memo: RowMemo | None = None) -> dict[str, Any]:
     """``{"per_image": {method: {image_id: score}}, "folds": [...]}`` with ``method`` in
     ``ensemble`` and the single models present; every score from parameters tuned without the
-    image's fold. Needs at least two folds."""
+    image's fold. Needs at least two folds. ``memo``: the in-sample tuning's per-image rows (the
+    same OOF), which the fold tunings reuse where their searches meet it."""
     folds = sorted(set(fold_of[i] for i in truth if i in fold_of))
     if len(folds) < 2:
         raise ValueError(f"cross-validated tuning needs at least 2 folds, got {folds}")
@@ -47,7 +49,7 @@ def cross_validated_scores(oof_by_model: Mapping[str, Mapping[str, Mapping[str, 
         outside = {i: t for i, t in truth.items() if i in fold_of and fold_of[i] != f}
         log.info("cross-validated tuning: fold %d: tuning on %d images, scoring %d", f, len(outside), len(inside))
         params, _ = tune_ensemble({m: {i: v for i, v in oof_by_model[m].items() if i in outside}
-                                   for m in models}, outside, cfg, mask_fns, image_type_probs)
+                                   for m in models}, outside, cfg, mask_fns, image_type_probs, memo)
         for i in sorted(inside):
             arrays = {m: oof_by_model[m][i] for m in models}
             probs = None if image_type_probs is None else image_type_probs[i]

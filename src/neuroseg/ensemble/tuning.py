@@ -195,21 +195,39 @@ class _LRU(OrderedDict):
         return value
 
 
+RowMemo = dict
+"""``{(tuner identity, image id, params): row}``: per-image score rows shared by the tunings of one
+05 run. An image's row is a pure function of the image, the method's settings and the parameters,
+so the cross-validated tunings (the same search on subsets of the images, mostly visiting the
+same points) reuse the in-sample tuning's rows instead of rerunning mask heads and watersheds."""
+
+
 class _Tuner:
     """One method on the images of one (voted) cell type: ``table(p)`` = ``(n_images, n_free)``
-    per-image scores for the expensive parameters ``p``, memoised."""
+    per-image scores for the expensive parameters ``p``, memoised (per image in ``memo`` too)."""
 
     free_grid: list = SCORE_GRID
 
-    def __init__(self, ids: list[str], truth: Mapping[str, Truth]) -> None:
+    def __init__(self, ids: list[str], truth: Mapping[str, Truth], memo: RowMemo | None = None) -> None:
         self.ids, self.truth = ids, truth
+        self.memo = {} if memo is None else memo
         self._tables: dict[tuple, np.ndarray] = {}
+
+    def identity(self) -> tuple:
+        """What an image's row depends on besides the image and the searched parameters."""
+        return (type(self).__name__, tuple(self.free_grid))
 
     def table(self, p: dict[str, Any]) -> np.ndarray:
         key = tuple(sorted(p.items()))
         if key not in self._tables:
-            self._tables[key] = np.stack([self.image_row(i, p) for i in self.ids]) if self.ids \
-                else np.zeros((0, len(self.free_grid)))
+            who = self.identity()
+            rows = []
+            for i in self.ids:
+                row = self.memo.get((who, i, key))
+                if row is None:
+                    row = self.memo[(who, i, key)] = self.image_row(i, p)
+                rows.append(row)
+            self._tables[key] = np.stack(rows) if rows else np.zeros((0, len(self.free_grid)))
         return self._tables[key]
 
     def objective(self, p: dict[str, Any]) -> float:
@@ -227,14 +245,18 @@ class _EnsembleTuner(_Tuner):
     BOX_KEYS = ("model_weights", "wbf_iou", "wbf_skip")
 
     def __init__(self, ids, truth, get_pred, mask_fns, cell_type: str, prune: float,
-                 upernet: UPerNetParams | None = None) -> None:
-        super().__init__(ids, truth)
+                 upernet: UPerNetParams | None = None, memo: RowMemo | None = None) -> None:
+        super().__init__(ids, truth, memo)
         self.get_pred, self.mask_fns, self.cell_type = get_pred, mask_fns, cell_type
         self.prune = prune  # the lowest mask threshold searched (see ensemble.build_candidates)
         self.upernet = upernet  # UPerNet's post-processing for its instances as candidates (None: off)
         self.cands = _LRU(CANDIDATE_CACHE, self._candidates)
         self._masks: dict[str, list[dict[bytes, np.ndarray]]] = {}
         self._upernet_instances: dict[str, ens.Extra | None] = {}
+
+    def identity(self) -> tuple:
+        up = None if self.upernet is None else dataclasses.astuple(self.upernet)
+        return (*super().identity(), self.cell_type, self.prune, up, self.mask_fns is None)
 
     @staticmethod
     def params(p: dict[str, Any], score_threshold: float) -> TypeParams:
@@ -297,10 +319,13 @@ class _EnsembleTuner(_Tuner):
 
 
 class _MaskRCNNTuner(_Tuner):
-    def __init__(self, ids, truth, get_pred, prune: float) -> None:
-        super().__init__(ids, truth)
+    def __init__(self, ids, truth, get_pred, prune: float, memo: RowMemo | None = None) -> None:
+        super().__init__(ids, truth, memo)
         self.get_pred, self.prune = get_pred, prune
         self._cands: dict[str, ens.Candidates] = {}
+
+    def identity(self) -> tuple:
+        return (*super().identity(), self.prune)
 
     def image_row(self, image_id: str, p: dict[str, Any]) -> np.ndarray:
         if image_id not in self._cands:  # the pasted crops do not depend on any parameter
@@ -317,8 +342,8 @@ class _MaskRCNNTuner(_Tuner):
 class _UPerNetTuner(_Tuner):
     free_grid = [(a, s) for a in UPERNET_MIN_AREA_GRID for s in SCORE_GRID]
 
-    def __init__(self, ids, truth, get_pred) -> None:
-        super().__init__(ids, truth)
+    def __init__(self, ids, truth, get_pred, memo: RowMemo | None = None) -> None:
+        super().__init__(ids, truth, memo)
         self.get_pred = get_pred
 
     def image_row(self, image_id: str, p: dict[str, Any]) -> np.ndarray:
@@ -380,7 +405,8 @@ def summarise(per_image: Mapping[str, float], truth: Mapping[str, Truth]) -> dic
 
 def tune_ensemble(oof_by_model: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], truth: Mapping[str, Truth],
                   cfg: Config, mask_fns: Mapping[str, MaskFn] | None = None,
-                  image_type_probs: Mapping[str, np.ndarray] | None = None) -> tuple[EnsembleParams, dict[str, Any]]:
+                  image_type_probs: Mapping[str, np.ndarray] | None = None, memo: RowMemo | None = None
+                  ) -> tuple[EnsembleParams, dict[str, Any]]:
     """Tune every parameter of :class:`EnsembleParams` on the OOF predictions.
 
     ``oof_by_model``: ``{model: {image_id: OOF arrays}}`` (any Mapping; values are read on demand,
@@ -389,9 +415,11 @@ def tune_ensemble(oof_by_model: Mapping[str, Mapping[str, Mapping[str, np.ndarra
     the image -- or None without Mask R-CNN; ``image_type_probs``: ``{image_id: (3,)}`` OOF
     probabilities of the cell-type classifier, which then votes too (single models keep their own
     vote: a model alone has no classifier). Images in the truth and every model are used.
+    ``memo``: per-image score rows to share with other tunings on the same OOF (:data:`RowMemo`).
     Returns the params and a report: per-image and summary scores of the ensemble (tuned and
     defaults) and of each single model, vote accuracy, evaluations used.
     """
+    memo = {} if memo is None else memo
     models = [m for m in ens.VOTE_MODELS if m in oof_by_model]
     if not models:
         raise ValueError("tune_ensemble: no model predictions given")
@@ -436,7 +464,7 @@ def tune_ensemble(oof_by_model: Mapping[str, Mapping[str, Mapping[str, np.ndarra
             if m == "maskrcnn":
                 d = params.maskrcnn[t]
                 tuner = _MaskRCNNTuner(group, truth, get_pred,
-                                       min(MASKRCNN_GRID["mask_threshold"] + [d.mask_threshold]))
+                                       min(MASKRCNN_GRID["mask_threshold"] + [d.mask_threshold]), memo)
                 tuner.free_grid = _with(SCORE_GRID, d.score_threshold)
                 best, j, scores, n = _tune(tuner, MASKRCNN_GRID, {"mask_threshold": d.mask_threshold,
                                            "min_area": d.min_area}, cfg, 10 + k, f"maskrcnn {t}")
@@ -444,7 +472,7 @@ def tune_ensemble(oof_by_model: Mapping[str, Mapping[str, Mapping[str, np.ndarra
                                                     int(best["min_area"]))
             else:
                 d = params.upernet[t]
-                tuner = _UPerNetTuner(group, truth, get_pred)
+                tuner = _UPerNetTuner(group, truth, get_pred, memo)
                 tuner.free_grid = _with(tuner.free_grid, (d.min_area, d.score_threshold))
                 best, j, scores, n = _tune(tuner, UPERNET_GRID, {"interior_threshold": d.interior_threshold,
                                            "seed_threshold": d.seed_threshold}, cfg, 20 + k, f"upernet {t}")
@@ -456,13 +484,13 @@ def tune_ensemble(oof_by_model: Mapping[str, Mapping[str, Mapping[str, np.ndarra
         report["per_image"][m] = per_image
 
     if any(m in models for m in ens.BOX_MODELS):
-        _tune_fusion(params, ids, votes, truth, get_pred, mask_fns, models, cfg, report)
+        _tune_fusion(params, ids, votes, truth, get_pred, mask_fns, models, cfg, report, memo)
     report["summary"] = {name: summarise(s, truth) for name, s in report["per_image"].items()}
     return params, report
 
 
-def _tune_fusion(params: EnsembleParams, ids: list[str], votes, truth, get_pred, mask_fns, models, cfg, report
-                 ) -> None:
+def _tune_fusion(params: EnsembleParams, ids: list[str], votes, truth, get_pred, mask_fns, models, cfg, report,
+                 memo: RowMemo) -> None:
     """Per voted cell type: the ensemble's TypeParams (defaults scored too, for the report)."""
     weights = [w for w in ENSEMBLE_GRID["model_weights"]
                if ("yolox" in models or w[0] == 0) and ("maskrcnn" in models or w[1] == 0)
@@ -488,7 +516,7 @@ def _tune_fusion(params: EnsembleParams, ids: list[str], votes, truth, get_pred,
             grid["upernet_instances"] = [0.0]
         prune = min(grid["mask_threshold"] + [d.mask_threshold])
         tuner = _EnsembleTuner(group, truth, get_pred, mask_fns, t, prune,
-                               params.upernet[t] if "upernet" in models else None)
+                               params.upernet[t] if "upernet" in models else None, memo)
         tuner.free_grid = _with(SCORE_GRID, d.score_threshold)
         defaults.update(zip(group, tuner.table(start)[:, tuner.free_grid.index(d.score_threshold)].tolist()))
         best, j, scores, n = _tune(tuner, grid, start, cfg, 30 + k, f"ensemble {t}", costly=_EnsembleTuner.BOX_KEYS)

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -250,19 +251,37 @@ def iter_oof(paths: Paths, model: str, fold: int) -> Iterator[tuple[str, dict[st
 
 
 class LazyOOF(Mapping):
-    """``{image_id: OOF arrays}`` of one model, read from its fold caches on access."""
+    """``{image_id: OOF arrays}`` of one model, read from its fold caches on access; the most
+    recently read images are kept decoded up to ``keep_mb`` (the tuning reads every image again
+    for each evaluation: on the demo, inflating the compressed files was 16% of 05)."""
 
-    def __init__(self, paths: Paths, model: str, manifests: Mapping[int, dict[str, Any]]) -> None:
+    def __init__(self, paths: Paths, model: str, manifests: Mapping[int, dict[str, Any]],
+                 keep_mb: float = 0.0) -> None:
         self.paths, self.model = paths, model
         self.fold_of = {i: f for f, m in manifests.items() for i in m["image_ids"]}
+        self._budget = keep_mb * 2**20
+        self._kept: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        self._kept_bytes = 0
 
     def __getitem__(self, image_id: str) -> dict[str, np.ndarray]:
+        if image_id in self._kept:
+            self._kept.move_to_end(image_id)
+            return self._kept[image_id]
         path = self.paths.oof_dir(self.model, self.fold_of[image_id]) / f"{image_id}.npz"
         if not path.is_file():
             raise OOFError(f"partial OOF cache: {path} is listed in its manifest but missing; "
                                f"rerun {TRAIN_SCRIPTS[self.model]}")
         with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+            arrays = {k: z[k] for k in z.files}
+        size = sum(a.nbytes for a in arrays.values())
+        if size <= self._budget:
+            for a in arrays.values():  # shared by every reader from now on: nobody may write to it
+                a.flags.writeable = False
+            self._kept[image_id] = arrays
+            self._kept_bytes += size
+            while self._kept_bytes > self._budget:
+                self._kept_bytes -= sum(a.nbytes for a in self._kept.popitem(last=False)[1].values())
+        return arrays
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.fold_of)

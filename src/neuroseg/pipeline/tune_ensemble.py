@@ -145,7 +145,7 @@ def run_ensemble(cfg: Config, paths: Paths, force: bool = False) -> Path:
                  paths.ensemble_params)
         return paths.ensemble_params
     started = time.time()
-    oof_by_model = {m: LazyOOF(paths, m, manifests[m]) for m in cfg.ensemble.models}
+    oof_by_model = {m: LazyOOF(paths, m, manifests[m], cfg.ensemble.oof_keep_mb) for m in cfg.ensemble.models}
     truth = truth_from_records(group_records(read_train_csv(paths.train_csv, paths.train_images)))
     unknown = sorted(set().union(*map(set, oof_by_model.values())) - set(truth))
     if unknown:
@@ -158,11 +158,12 @@ def run_ensemble(cfg: Config, paths: Paths, force: bool = False) -> Path:
     classifier, type_probs = (fit_cell_type_classifier(
         paths, {i: t.cell_type for i, t in truth.items()}, fold_of) if cfg.ensemble.cell_type_classifier
                               else (None, None))
-    params, report = tune_ensemble(oof_by_model, truth, cfg, mask_fns, type_probs)
+    memo: dict = {}  # per-image score rows, shared with the cross-validated tunings
+    params, report = tune_ensemble(oof_by_model, truth, cfg, mask_fns, type_probs, memo)
     params.cell_type_classifier = classifier
     if cfg.ensemble.cross_validate and len(set(fold_of.values())) > 1:
         used = {i: truth[i] for i in report["image_ids"]}
-        cv = cross_validated_scores(oof_by_model, used, fold_of, cfg, mask_fns, type_probs)
+        cv = cross_validated_scores(oof_by_model, used, fold_of, cfg, mask_fns, type_probs, memo)
         report["cross_validated"] = {m: summarise(s, used) for m, s in cv["per_image"].items()}
     write_scores_csv(paths.ensemble_oof_scores, report, truth, fold_of)
     captions: dict[str, str] = {}
