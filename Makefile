@@ -37,13 +37,17 @@ ensemble: venv
 submission: preprocess yolox maskrcnn upernet ensemble
 	$(call RUN,06_make_submission.py)
 
-# test_truth.csv: the synthetic test images' labels, which 01-06 never read (a dataset written
-# before it existed is rewritten)
-$(DEMO_DATA)/test_truth.csv: | venv
-	$(PY) -m neuroseg synth $(DEMO_DATA) --images 24 --test-images 3 --seed 0 --overwrite
+# 48 labelled + 6 test images of 256 x 352 px (crops of full-size scenes: cells at their real
+# size). The stamp names the arguments, so a dataset made with others is rewritten; its
+# test_truth.csv holds the test images' labels, which 01-06 never read.
+DEMO_SYNTH := --images 48 --test-images 6 --height 256 --width 352 --seed 0
+DEMO_STAMP := $(DEMO_DATA)/.synth$(subst $() ,,$(DEMO_SYNTH))
+$(DEMO_STAMP): | venv
+	$(PY) -m neuroseg synth $(DEMO_DATA) $(DEMO_SYNTH) --overwrite
+	touch $@
 
 # ends with the out-of-sample score: the submission against the test images' labels
-demo: venv $(DEMO_DATA)/test_truth.csv
+demo: venv $(DEMO_STAMP)
 	$(MAKE) submission CONFIG=configs/demo.yaml DATA_DIR=$(DEMO_DATA)
 	$(PY) -m neuroseg score $(DEMO_DATA)/test_truth.csv $(or $(NEUROSEG_OUTPUT_DIR),output)/submission.csv
 
