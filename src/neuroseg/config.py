@@ -91,6 +91,7 @@ class MaskRCNNConfig:
     # one foreground class: boxes and masks for "cell", the image's type left to the other voters
     # (the image classifier, UPerNet, YOLOX); detections then carry label 0 (untyped)
     class_agnostic: bool = False
+    crop_size: int = -1  # this model's training window (0 = whole images); -1: data.augment.crop_size
     weights: str = ""  # local torchvision COCO Mask R-CNN .pth, optional
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-4))
 
@@ -101,6 +102,7 @@ class UPerNetConfig:
     decoder_channels: int = 256
     aux_loss_weight: float = 0.4  # auxiliary cell-type head on the deepest encoder feature
     border_weight: float = 2.0  # class weight of the border channel in the CE loss
+    crop_size: int = -1  # this model's training window (0 = whole images); -1: data.augment.crop_size
     encoder_weights: str = ""  # local encoder state_dict, optional
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-4))
 

@@ -142,6 +142,18 @@ def test_yolox_trains_on_whole_images_whatever_the_crop_size():
     assert model_data_config(cfg, "maskrcnn") is cfg and model_data_config(cfg, "upernet") is cfg
 
 
+def test_a_model_may_train_on_its_own_window_size():
+    cfg = config.load(None, ["data.augment.crop_size=256", "upernet.crop_size=128", "maskrcnn.crop_size=0",
+                             "yolox.input_size=320"])
+    upernet, maskrcnn = model_data_config(cfg, "upernet"), model_data_config(cfg, "maskrcnn")
+    assert upernet.data.augment == dataclasses.replace(cfg.data.augment, crop_size=128)
+    assert maskrcnn.data.augment == dataclasses.replace(cfg.data.augment, crop_size=0)  # whole images
+    assert upernet.upernet == cfg.upernet and maskrcnn.maskrcnn == cfg.maskrcnn
+    assert model_data_config(cfg, "yolox").data.augment.crop_size == 0
+    same = config.load(None, ["data.augment.crop_size=256", "upernet.crop_size=256"])
+    assert model_data_config(same, "upernet") is same
+
+
 def test_augmentation_follows_torch_seed(tiny_records_dir, tiny_records):
     aug = AugmentConfig(hflip=0.5, vflip=0.5, rotate90=0.5, scale_limit=0.3, brightness_contrast=0.5, blur=0)
     ds = InstanceDataset(tiny_records, tiny_records_dir / "train", augment=aug)

@@ -108,12 +108,16 @@ LETTERBOX_MODELS = ("yolox",)
 
 
 def model_data_config(cfg: Config, model_name: str) -> Config:
-    """``cfg`` as ``model_name``'s training data sees it: a letterboxing model (YOLOX) would blow a
-    ``crop_size`` window up to its input size and then meet whole images at inference, so it
-    trains on whole images (its own mosaic plays the crop's part)."""
-    if model_name not in LETTERBOX_MODELS or cfg.data.augment.crop_size == 0:
+    """``cfg`` as ``model_name``'s training data sees it: the model's own ``crop_size`` when it sets
+    one (on sartorius-mini UPerNet learnt more per CPU-second from 128-px windows than from 256-px
+    ones, BENCHMARKS.md), else ``data.augment.crop_size``. A letterboxing model (YOLOX) would blow a
+    window up to its input size and then meet whole images at inference, so it trains on whole
+    images (its own mosaic plays the crop's part)."""
+    own = getattr(getattr(cfg, model_name, None), "crop_size", -1)
+    crop = 0 if model_name in LETTERBOX_MODELS else own if own >= 0 else cfg.data.augment.crop_size
+    if crop == cfg.data.augment.crop_size:
         return cfg
-    augment = dataclasses.replace(cfg.data.augment, crop_size=0)
+    augment = dataclasses.replace(cfg.data.augment, crop_size=crop)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment=augment))
 
 
