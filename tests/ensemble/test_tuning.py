@@ -252,3 +252,32 @@ def test_05_leaves_the_classifier_out_when_a_fold_lacks_a_cell_type(tmp_path, ca
     with caplog.at_level("WARNING", logger="neuroseg"):
         assert fit_cell_type_classifier(paths, types, {i: int(i.startswith("astro")) for i in ids}) == (None, None)
     assert "left out: the images outside fold 0 have no ['cort', 'shsy5y']" in caplog.text
+
+
+def test_ensemble_rows_without_upernet_instances_are_shared_whatever_upernet_params(tuned):
+    """UPerNet's post-processing (each tuning tunes its own) changes an ensemble row only where
+    its instances join (``upernet_instances`` > 0): elsewhere another tuning reuses the row."""
+    import dataclasses
+
+    from neuroseg.ensemble import tuning
+
+    oof, truth, mask_fns, params, _ = tuned
+    ids = ["cort0", "cort1"]
+
+    def get_pred(i):
+        return predictions_from_oof(i, truth[i].shape, {m: oof[m][i] for m in oof})
+
+    memo: dict = {}
+    p = {"model_weights": (1.0, 1.0), "wbf_iou": 0.55, "wbf_skip": 0.05, "upernet_weight": 0.3,
+         "mask_threshold": 0.5, "min_area": 10, "max_overlap": 1.0, "upernet_instances": 0.0}
+    up = params.upernet["cort"]
+    other = dataclasses.replace(up, seed_threshold=up.seed_threshold + 0.1)
+    first = tuning._EnsembleTuner(ids, truth, get_pred, mask_fns, "cort", 0.3, up, memo)
+    second = tuning._EnsembleTuner(ids, truth, get_pred, mask_fns, "cort", 0.3, other, memo)
+    rows = first.table(p)
+    calls = []
+    second.image_row = lambda i, q: calls.append(i) or first.image_row(i, q)
+    np.testing.assert_array_equal(second.table(p), rows)
+    assert calls == []  # reused
+    second.table({**p, "upernet_instances": 0.5})
+    assert calls == ids  # UPerNet's instances join: its own parameters, its own rows

@@ -213,14 +213,14 @@ class _Tuner:
         self.memo = {} if memo is None else memo
         self._tables: dict[tuple, np.ndarray] = {}
 
-    def identity(self) -> tuple:
-        """What an image's row depends on besides the image and the searched parameters."""
+    def identity(self, p: dict[str, Any]) -> tuple:
+        """What an image's row at ``p`` depends on besides the image and ``p`` itself."""
         return (type(self).__name__, tuple(self.free_grid))
 
     def table(self, p: dict[str, Any]) -> np.ndarray:
         key = tuple(sorted(p.items()))
         if key not in self._tables:
-            who = self.identity()
+            who = self.identity(p)
             rows = []
             for i in self.ids:
                 row = self.memo.get((who, i, key))
@@ -254,9 +254,11 @@ class _EnsembleTuner(_Tuner):
         self._masks: dict[str, list[dict[bytes, np.ndarray]]] = {}
         self._upernet_instances: dict[str, ens.Extra | None] = {}
 
-    def identity(self) -> tuple:
-        up = None if self.upernet is None else dataclasses.astuple(self.upernet)
-        return (*super().identity(), self.cell_type, self.prune, up, self.mask_fns is None)
+    def identity(self, p: dict[str, Any]) -> tuple:
+        # UPerNet's post-processing (tuned anew by every tuning) matters only where its instances join
+        used = self.upernet is not None and float(p["upernet_instances"]) > 0
+        up = dataclasses.astuple(self.upernet) if used else None
+        return (*super().identity(p), self.cell_type, self.prune, up, self.mask_fns is None)
 
     @staticmethod
     def params(p: dict[str, Any], score_threshold: float) -> TypeParams:
@@ -324,8 +326,8 @@ class _MaskRCNNTuner(_Tuner):
         self.get_pred, self.prune = get_pred, prune
         self._cands: dict[str, ens.Candidates] = {}
 
-    def identity(self) -> tuple:
-        return (*super().identity(), self.prune)
+    def identity(self, p: dict[str, Any]) -> tuple:
+        return (*super().identity(p), self.prune)
 
     def image_row(self, image_id: str, p: dict[str, Any]) -> np.ndarray:
         if image_id not in self._cands:  # the pasted crops do not depend on any parameter
