@@ -152,6 +152,8 @@ def test_a_model_may_train_on_its_own_window_size():
     assert model_data_config(cfg, "yolox").data.augment.crop_size == 0
     same = config.load(None, ["data.augment.crop_size=256", "upernet.crop_size=256"])
     assert model_data_config(same, "upernet") is same
+    with pytest.raises(ValueError, match=r"upernet.crop_size must be >= 0, or -1 for data.augment.crop_size; got -2"):
+        model_data_config(config.load(None, ["upernet.crop_size=-2"]), "upernet")
 
 
 def test_augmentation_follows_torch_seed(tiny_records_dir, tiny_records):

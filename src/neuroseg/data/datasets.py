@@ -114,6 +114,8 @@ def model_data_config(cfg: Config, model_name: str) -> Config:
     window up to its input size and then meet whole images at inference, so it trains on whole
     images (its own mosaic plays the crop's part)."""
     own = getattr(getattr(cfg, model_name, None), "crop_size", -1)
+    if own < -1:
+        raise ValueError(f"{model_name}.crop_size must be >= 0, or -1 for data.augment.crop_size; got {own}")
     crop = 0 if model_name in LETTERBOX_MODELS else own if own >= 0 else cfg.data.augment.crop_size
     if crop == cfg.data.augment.crop_size:
         return cfg
