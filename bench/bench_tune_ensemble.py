@@ -1,6 +1,7 @@
 """05's tuning (in-sample + cross-validated) on a finished run's OOF cache, with and without the
-reuse it does: the per-image score rows shared by the tunings (``tuning.RowMemo``) and the OOF
-arrays kept decoded (``LazyOOF(keep_mb)``). Both variants must give the same parameters and the
+reuse it does: the per-image score rows and the mask head's outputs shared by the tunings
+(``tuning.TuningMemo``) and the OOF arrays kept decoded (``LazyOOF(keep_mb)``). Without reuse, each
+tuning has its own rows and each image keeps its last two settings' masks (05 before 2026-12-06). Both variants must give the same parameters and the
 same cross-validated scores; the CPU-time ratio is the speed-up.
 
     .venv/bin/python bench/bench_tune_ensemble.py --config configs/cpu.yaml \\
@@ -13,6 +14,7 @@ variant without reuse runs first. Reads the run, writes nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -24,7 +26,7 @@ from neuroseg import config as config_mod  # noqa: E402
 from neuroseg.data.records import group_records, read_train_csv  # noqa: E402
 from neuroseg.ensemble.celltype import fit_cell_type_classifier  # noqa: E402
 from neuroseg.ensemble.cross_validation import cross_validated_scores  # noqa: E402
-from neuroseg.ensemble.tuning import truth_from_records, tune_ensemble  # noqa: E402
+from neuroseg.ensemble.tuning import TuningMemo, truth_from_records, tune_ensemble  # noqa: E402
 from neuroseg.evaluation.oof_cache import LazyOOF  # noqa: E402
 from neuroseg.paths import Paths  # noqa: E402
 from neuroseg.pipeline.tune_ensemble import OOFMaskFns, read_manifests  # noqa: E402
@@ -36,7 +38,9 @@ def tune_and_cross_validate(cfg, paths, manifests, truth, type_probs, reuse: boo
     keep = cfg.ensemble.oof_keep_mb if reuse else 0
     oof = {m: LazyOOF(paths, m, manifests[m], keep) for m in cfg.ensemble.models}
     mask_fns = OOFMaskFns(cfg, paths, manifests["maskrcnn"]) if "maskrcnn" in oof else None
-    memo: dict | None = {} if reuse else None  # None: each tuning keeps its own rows, as before
+    if not reuse:  # each tuning its own memo (memo None), of the last two settings' masks only
+        cfg = dataclasses.replace(cfg, ensemble=dataclasses.replace(cfg.ensemble, mask_memo_mb=0))
+    memo = TuningMemo.for_config(cfg) if reuse else None
     params, report = tune_ensemble(oof, truth, cfg, mask_fns, type_probs, memo)
     used = {i: truth[i] for i in report["image_ids"]}
     fold_of = next(iter(oof.values())).fold_of

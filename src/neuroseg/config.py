@@ -39,7 +39,7 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = 0.9998
     num_workers: int = 4
-    val_every: int = 1
+    val_every: int = 1  # 0: no validation, best.pt = the last epoch (the OOF pass scores those images)
     max_train_steps_per_epoch: int = 0  # 0 = whole epoch; >0 caps steps (tests, smoke runs)
 
 
@@ -141,6 +141,9 @@ class EnsembleConfig:
     # ... and each model's OOF arrays decoded, up to this many MB per model (the rest are read
     # from their compressed files again at every evaluation)
     oof_keep_mb: int = 1024
+    # ... and the mask head's outputs by box, shared by the in-sample and the fold tunings, up to
+    # this many MB (tuning.MaskMemo; beyond it each image keeps its last two settings' masks)
+    mask_memo_mb: int = 1024
     # fit the image-statistics cell-type classifier (celltype.py) and let it vote on cell types
     cell_type_classifier: bool = True
     # also report scores cross-validated over the OOF folds (tune on the other folds, score this

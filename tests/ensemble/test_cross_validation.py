@@ -9,7 +9,7 @@ from ensemble_toys import CELLS, boxset, ellipse_mask_fn, truth_of
 from neuroseg import config
 from neuroseg.ensemble import cross_validation
 from neuroseg.ensemble.cross_validation import cross_validated_scores
-from neuroseg.ensemble.tuning import tune_ensemble
+from neuroseg.ensemble.tuning import MaskMemo, TuningMemo, tune_ensemble
 
 TRUE, FALSE = CELLS[:2], CELLS[2:]  # two real cells; two cell-sized boxes on background
 
@@ -95,8 +95,8 @@ def test_the_fold_tunings_reuse_the_in_sample_rows_and_change_no_result():
         return params, report, cv, sum(len(fn.calls) for fn in mask_fns.values())
 
     apart = run(None)
-    memo: dict = {}
+    memo = TuningMemo(MaskMemo(2**30))
     shared = run(memo)
     assert shared[0].to_json() == apart[0].to_json()
     assert shared[1]["per_image"] == apart[1]["per_image"] and shared[2] == apart[2]
-    assert memo and shared[3] < apart[3]
+    assert memo.rows and memo.masks.nbytes and shared[3] < apart[3]

@@ -141,6 +141,16 @@ def test_fuse_reproduces_the_tuning_scores(tuned):
             assert image_score(iou_matrix(t.indices, out.label)) == pytest.approx(report["per_image"][model][i])
 
 
+def test_oof_of_other_sized_images_is_refused_naming_the_image(tuned):
+    """An OOF cache left from another data set (same ids, other image size) must not crash deep in
+    the painting with an index error: it names the image and what to rerun."""
+    oof, _, _, _, _ = tuned
+    i = next(iter(oof["upernet"]))
+    with pytest.raises(ValueError, match=f"image {i}: UPerNet's OOF probabilities are {H}x{W} px, "
+                                         f"the image {H + 8}x{W}: .*rerun 02-04"):
+        predictions_from_oof(i, (H + 8, W), {m: oof[m][i] for m in oof})
+
+
 def test_tune_without_maskrcnn_uses_upernet_masks(tuned):
     oof, truth, _, _, _ = tuned
     cfg = config.from_dict({"ensemble": {"tune_trials": 8}})
@@ -267,7 +277,7 @@ def test_ensemble_rows_without_upernet_instances_are_shared_whatever_upernet_par
     def get_pred(i):
         return predictions_from_oof(i, truth[i].shape, {m: oof[m][i] for m in oof})
 
-    memo: dict = {}
+    memo = tuning.TuningMemo(tuning.MaskMemo(2**30))
     p = {"model_weights": (1.0, 1.0), "wbf_iou": 0.55, "wbf_skip": 0.05, "upernet_weight": 0.3,
          "mask_threshold": 0.5, "min_area": 10, "max_overlap": 1.0, "upernet_instances": 0.0}
     up = params.upernet["cort"]

@@ -68,6 +68,31 @@ def test_fold_writes_checkpoints_history_and_oof(paths):
     assert cached["img00"]["cell_type_probs"].shape == (3,)
 
 
+def test_val_every_0_never_validates_and_predicts_with_the_last_weights(paths, monkeypatch):
+    calls = []
+    real = loop._val_metrics
+    monkeypatch.setattr(loop, "_val_metrics", lambda *a: calls.append(1) or real(*a))
+    cfg = T.toy_config("upernet.train.val_every=0")
+    summary = run(cfg, paths)
+    assert calls == [] and summary["best_epoch"] == 2 and math.isnan(summary["best_metric"])
+    best = checkpoint.load(paths.best_checkpoint("upernet", 0))
+    last = checkpoint.load(paths.last_checkpoint("upernet", 0))
+    assert best["epoch"] == 2 and T.same_weights(best["model"], last["model"])
+    assert pd.read_csv(paths.history_csv("upernet", 0))["epoch"].tolist() == [1, 2]
+    assert oof_cache.read_manifest(paths, "upernet", 0)["checkpoint_sha256"] == file_sha256(
+        paths.best_checkpoint("upernet", 0))
+    # a deleted best.pt of the finished run comes back from the last weights, still unvalidated
+    paths.best_checkpoint("upernet", 0).unlink()
+    run(cfg, paths, force=False)
+    assert calls == [] and T.same_weights(checkpoint.load(paths.best_checkpoint("upernet", 0))["model"],
+                                          last["model"])
+
+
+def test_a_negative_val_every_is_refused(paths):
+    with pytest.raises(ValueError, match="val_every must be >= 0"):
+        run(T.toy_config("upernet.train.val_every=-1"), paths)
+
+
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     overrides = ("upernet.train.ema=true", "upernet.train.ema_decay=0.9")
     full = T.make_dataset(tmp_path / "a", n_images=8)

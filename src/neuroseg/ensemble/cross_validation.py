@@ -17,7 +17,7 @@ import numpy as np
 
 from neuroseg.config import Config
 from neuroseg.ensemble import fusion
-from neuroseg.ensemble.tuning import RowMemo, Truth, predictions_from_oof, tune_ensemble
+from neuroseg.ensemble.tuning import Truth, TuningMemo, predictions_from_oof, tune_ensemble
 from neuroseg.evaluation.metric import image_score, iou_sparse
 from neuroseg.structures.predictions import MaskFn
 
@@ -33,10 +33,10 @@ def cross_validated_scores(oof_by_model: Mapping[str, Mapping[str, Mapping[str, 
                            truth: Mapping[str, Truth], fold_of: Mapping[str, int], cfg: Config,
                            mask_fns: Mapping[str, MaskFn] | None = None,
                            image_type_probs: Mapping[str, np.ndarray] | None = None,
-                           memo: RowMemo | None = None) -> dict[str, Any]:
+                           memo: TuningMemo | None = None) -> dict[str, Any]:
     """``{"per_image": {method: {image_id: score}}, "folds": [...]}`` with ``method`` in
     ``ensemble`` and the single models present; every score from parameters tuned without the
-    image's fold. Needs at least two folds. ``memo``: the in-sample tuning's per-image rows (the
+    image's fold. Needs at least two folds. ``memo``: the in-sample tuning's rows and masks (the
     same OOF), which the fold tunings reuse where their searches meet it."""
     folds = sorted(set(fold_of[i] for i in truth if i in fold_of))
     if len(folds) < 2:
@@ -55,6 +55,8 @@ def cross_validated_scores(oof_by_model: Mapping[str, Mapping[str, Mapping[str, 
             probs = None if image_type_probs is None else image_type_probs[i]
             pred = predictions_from_oof(i, truth[i].shape, arrays, probs)
             mask_fn = mask_fns[i] if mask_fns is not None and "maskrcnn" in models else None
+            if mask_fn is not None and memo is not None:
+                mask_fn = memo.masks.wrap(i, mask_fn)
             per_image["ensemble"][i] = label_score(fusion.fuse(pred, params, mask_fn).label, truth[i])
             for m in singles:  # a model alone votes by itself (fusion.own_vote)
                 per_image[m][i] = label_score(fusion.single_model(pred, m, params, mask_fn).label, truth[i])

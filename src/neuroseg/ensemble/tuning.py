@@ -13,7 +13,7 @@ How it stays cheap (TheoViel's trick of scoring from precomputed IoUs, taken one
 * The ensemble's fused boxes and mask-head outputs depend only on the box-fusion setting
   (model weights, WBF IoU and skip threshold): they are cached per setting (:class:`_LRU`) and the
   mask blending/thresholding/painting reruns on the cached crops. A new setting asks the mask
-  head only for boxes the image's previous settings did not have (``_EnsembleTuner._reusing``).
+  head only for boxes no earlier setting of any tuning had (:class:`MaskMemo`).
 * Ground truth pixel indices are decoded once per image.
 
 Predictions are disjoint (a label image), so with IoU > 0.5 a truth instance matches at most one
@@ -97,6 +97,10 @@ def predictions_from_oof(image_id: str, shape: tuple[int, int], arrays: Mapping[
                 pred.maskrcnn_mask_probs.append(np.asarray(a["mask_probs"], np.float32))
     if "upernet" in arrays:
         pred.upernet_probs = np.asarray(arrays["upernet"]["probs"], np.float32)
+        if pred.upernet_probs.shape[-2:] != tuple(shape):
+            raise ValueError(f"image {image_id}: UPerNet's OOF probabilities are "
+                             f"{'x'.join(map(str, pred.upernet_probs.shape[-2:]))} px, the image "
+                             f"{shape[0]}x{shape[1]}: the OOF cache was made from other images; rerun 02-04")
         pred.upernet_cell_type_probs = np.asarray(arrays["upernet"]["cell_type_probs"], np.float32)
     return pred
 
@@ -195,11 +199,68 @@ class _LRU(OrderedDict):
         return value
 
 
-RowMemo = dict
-"""``{(tuner identity, image id, params): row}``: per-image score rows shared by the tunings of one
-05 run. An image's row is a pure function of the image, the method's settings and the parameters,
-so the cross-validated tunings (the same search on subsets of the images, mostly visiting the
-same points) reuse the in-sample tuning's rows instead of rerunning mask heads and watersheds."""
+class MaskMemo:
+    """The mask head's outputs by image and (box, label), shared by every tuning of one 05 run.
+
+    The mask head dominates the cost of a box-fusion setting (seconds per image on a CPU), and the
+    settings share most fused boxes: neighbouring ones within a tuning (a higher skip threshold
+    only drops some) and the same ones across the in-sample and the fold tunings (the same search
+    on subsets of the images). Keys are the exact float32 box and its label, so a reused mask is
+    the one the box would get (the head treats every box on its own). Masks are kept up to
+    ``budget_bytes`` (28 x 28 float32: 3,136 bytes each); beyond it an image keeps its last two
+    calls' worth only."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget, self.nbytes = int(budget_bytes), 0
+        self.calls = self.asked = self.computed = 0
+        self._kept: dict[str, dict[bytes, np.ndarray]] = {}
+        self._recent: dict[str, list[dict[bytes, np.ndarray]]] = {}
+
+    def wrap(self, image_id: str, mask_fn: MaskFn) -> MaskFn:
+        kept = self._kept.setdefault(image_id, {})
+        recent = self._recent.setdefault(image_id, [])
+
+        def masks(boxes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+            boxes = np.ascontiguousarray(boxes, dtype=np.float32).reshape(-1, 4)
+            labels = np.ascontiguousarray(labels, dtype=np.int64).reshape(-1)
+            keys = [b.tobytes() + lab.tobytes() for b, lab in zip(boxes, labels)]
+            found: dict[bytes, np.ndarray] = {}
+            for k in keys:
+                m = kept.get(k)
+                if m is None:
+                    m = next((d[k] for d in recent if k in d), None)
+                if m is not None:
+                    found[k] = m
+            todo = [j for j, k in enumerate(keys) if k not in found]
+            self.calls, self.asked, self.computed = self.calls + 1, self.asked + len(keys), self.computed + len(todo)
+            if todo:
+                new = np.asarray(mask_fn(boxes[todo], labels[todo]), np.float32).reshape(-1, MASK_SIZE, MASK_SIZE)
+                for j, m in zip(todo, new):
+                    m = m.copy()  # not a view: a kept mask must not hold the whole batch alive
+                    found[keys[j]] = m
+                    if self.nbytes + m.nbytes <= self.budget:
+                        kept[keys[j]] = m
+                        self.nbytes += m.nbytes
+            recent[:] = [*recent[-1:], {k: found[k] for k in keys if k not in kept}]
+            return (np.stack([found[k] for k in keys]) if keys
+                    else np.zeros((0, MASK_SIZE, MASK_SIZE), np.float32))
+
+        return masks
+
+
+@dataclass
+class TuningMemo:
+    """What the tunings of one 05 run share (the in-sample one and one per fold): ``rows``,
+    ``{(tuner identity, image id, params): row}`` -- an image's row is a pure function of the
+    image, the method's settings and the parameters, so the fold tunings reuse the in-sample
+    tuning's rows where their searches meet -- and ``masks`` (:class:`MaskMemo`)."""
+
+    masks: MaskMemo
+    rows: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def for_config(cls, cfg: Config) -> "TuningMemo":
+        return cls(MaskMemo(cfg.ensemble.mask_memo_mb * 2**20))
 
 
 class _Tuner:
@@ -208,9 +269,9 @@ class _Tuner:
 
     free_grid: list = SCORE_GRID
 
-    def __init__(self, ids: list[str], truth: Mapping[str, Truth], memo: RowMemo | None = None) -> None:
+    def __init__(self, ids: list[str], truth: Mapping[str, Truth], memo: TuningMemo | None = None) -> None:
         self.ids, self.truth = ids, truth
-        self.memo = {} if memo is None else memo
+        self.memo = TuningMemo(MaskMemo(0)) if memo is None else memo
         self._tables: dict[tuple, np.ndarray] = {}
 
     def identity(self, p: dict[str, Any]) -> tuple:
@@ -223,9 +284,9 @@ class _Tuner:
             who = self.identity(p)
             rows = []
             for i in self.ids:
-                row = self.memo.get((who, i, key))
+                row = self.memo.rows.get((who, i, key))
                 if row is None:
-                    row = self.memo[(who, i, key)] = self.image_row(i, p)
+                    row = self.memo.rows[(who, i, key)] = self.image_row(i, p)
                 rows.append(row)
             self._tables[key] = np.stack(rows) if rows else np.zeros((0, len(self.free_grid)))
         return self._tables[key]
@@ -245,13 +306,12 @@ class _EnsembleTuner(_Tuner):
     BOX_KEYS = ("model_weights", "wbf_iou", "wbf_skip")
 
     def __init__(self, ids, truth, get_pred, mask_fns, cell_type: str, prune: float,
-                 upernet: UPerNetParams | None = None, memo: RowMemo | None = None) -> None:
+                 upernet: UPerNetParams | None = None, memo: TuningMemo | None = None) -> None:
         super().__init__(ids, truth, memo)
         self.get_pred, self.mask_fns, self.cell_type = get_pred, mask_fns, cell_type
         self.prune = prune  # the lowest mask threshold searched (see ensemble.build_candidates)
         self.upernet = upernet  # UPerNet's post-processing for its instances as candidates (None: off)
         self.cands = _LRU(CANDIDATE_CACHE, self._candidates)
-        self._masks: dict[str, list[dict[bytes, np.ndarray]]] = {}
         self._upernet_instances: dict[str, ens.Extra | None] = {}
 
     def identity(self, p: dict[str, Any]) -> tuple:
@@ -284,32 +344,9 @@ class _EnsembleTuner(_Tuner):
         out = {}
         for i in Progress(self.ids, f"ensemble {self.cell_type} boxes {box_key}", unit="img"):
             fn = self.mask_fns.get(i) if self.mask_fns is not None else None
-            fn = self._reusing(i, fn) if fn is not None else None
+            fn = self.memo.masks.wrap(i, fn) if fn is not None else None
             out[i] = ens.ensemble_candidates(self.get_pred(i), tp, self.cell_type, fn, self.prune, keep_fg=True)
         return out
-
-    def _reusing(self, image_id: str, mask_fn: MaskFn) -> MaskFn:
-        """``mask_fn`` asked only for boxes it was not asked for in the image's last two calls.
-
-        The mask head dominates the cost of a box-fusion setting (seconds per image on a CPU), and
-        neighbouring settings share most fused boxes (a higher skip threshold only drops some).
-        Keys are the exact float32 coordinates, so a reused mask is the one the box would get
-        (the head treats every box on its own); two calls' worth bounds the memory."""
-        recent = self._masks.setdefault(image_id, [])
-
-        def masks(boxes: np.ndarray, labels: np.ndarray) -> np.ndarray:
-            boxes = np.ascontiguousarray(boxes, dtype=np.float32).reshape(-1, 4)
-            keys = [b.tobytes() for b in boxes]
-            known = {k: m for d in recent for k, m in d.items()}
-            todo = [j for j, k in enumerate(keys) if k not in known]
-            if todo:
-                new = np.asarray(mask_fn(boxes[todo], np.asarray(labels)[todo]), np.float32)
-                known.update(zip((keys[j] for j in todo), new.reshape(-1, MASK_SIZE, MASK_SIZE)))
-            recent[:] = [*recent[-1:], {k: known[k] for k in keys}]
-            return (np.stack([known[k] for k in keys]) if keys
-                    else np.zeros((0, MASK_SIZE, MASK_SIZE), np.float32))
-
-        return masks
 
     def image_row(self, image_id: str, p: dict[str, Any]) -> np.ndarray:
         c = self.cands.get_or_make(tuple(p[k] for k in self.BOX_KEYS))[image_id]
@@ -321,7 +358,7 @@ class _EnsembleTuner(_Tuner):
 
 
 class _MaskRCNNTuner(_Tuner):
-    def __init__(self, ids, truth, get_pred, prune: float, memo: RowMemo | None = None) -> None:
+    def __init__(self, ids, truth, get_pred, prune: float, memo: TuningMemo | None = None) -> None:
         super().__init__(ids, truth, memo)
         self.get_pred, self.prune = get_pred, prune
         self._cands: dict[str, ens.Candidates] = {}
@@ -344,7 +381,7 @@ class _MaskRCNNTuner(_Tuner):
 class _UPerNetTuner(_Tuner):
     free_grid = [(a, s) for a in UPERNET_MIN_AREA_GRID for s in SCORE_GRID]
 
-    def __init__(self, ids, truth, get_pred, memo: RowMemo | None = None) -> None:
+    def __init__(self, ids, truth, get_pred, memo: TuningMemo | None = None) -> None:
         super().__init__(ids, truth, memo)
         self.get_pred = get_pred
 
@@ -407,7 +444,7 @@ def summarise(per_image: Mapping[str, float], truth: Mapping[str, Truth]) -> dic
 
 def tune_ensemble(oof_by_model: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], truth: Mapping[str, Truth],
                   cfg: Config, mask_fns: Mapping[str, MaskFn] | None = None,
-                  image_type_probs: Mapping[str, np.ndarray] | None = None, memo: RowMemo | None = None
+                  image_type_probs: Mapping[str, np.ndarray] | None = None, memo: TuningMemo | None = None
                   ) -> tuple[EnsembleParams, dict[str, Any]]:
     """Tune every parameter of :class:`EnsembleParams` on the OOF predictions.
 
@@ -417,11 +454,11 @@ def tune_ensemble(oof_by_model: Mapping[str, Mapping[str, Mapping[str, np.ndarra
     the image -- or None without Mask R-CNN; ``image_type_probs``: ``{image_id: (3,)}`` OOF
     probabilities of the cell-type classifier, which then votes too (single models keep their own
     vote: a model alone has no classifier). Images in the truth and every model are used.
-    ``memo``: per-image score rows to share with other tunings on the same OOF (:data:`RowMemo`).
+    ``memo``: score rows and masks to share with other tunings on the same OOF (:class:`TuningMemo`).
     Returns the params and a report: per-image and summary scores of the ensemble (tuned and
     defaults) and of each single model, vote accuracy, evaluations used.
     """
-    memo = {} if memo is None else memo
+    memo = TuningMemo.for_config(cfg) if memo is None else memo
     models = [m for m in ens.VOTE_MODELS if m in oof_by_model]
     if not models:
         raise ValueError("tune_ensemble: no model predictions given")
@@ -492,7 +529,7 @@ def tune_ensemble(oof_by_model: Mapping[str, Mapping[str, Mapping[str, np.ndarra
 
 
 def _tune_fusion(params: EnsembleParams, ids: list[str], votes, truth, get_pred, mask_fns, models, cfg, report,
-                 memo: RowMemo) -> None:
+                 memo: TuningMemo) -> None:
     """Per voted cell type: the ensemble's TypeParams (defaults scored too, for the report)."""
     weights = [w for w in ENSEMBLE_GRID["model_weights"]
                if ("yolox" in models or w[0] == 0) and ("maskrcnn" in models or w[1] == 0)

@@ -19,7 +19,7 @@ from neuroseg.config import Config
 from neuroseg.ensemble.celltype import fit_cell_type_classifier
 from neuroseg.ensemble.cross_validation import cross_validated_scores
 from neuroseg.ensemble.report import format_report, write_figures, write_scores_csv
-from neuroseg.ensemble.tuning import summarise, truth_from_records, tune_ensemble
+from neuroseg.ensemble.tuning import TuningMemo, summarise, truth_from_records, tune_ensemble
 from neuroseg.evaluation import oof_cache
 from neuroseg.evaluation.oof_cache import LazyOOF
 from neuroseg.paths import TRAIN_SCRIPTS, Paths
@@ -158,13 +158,16 @@ def run_ensemble(cfg: Config, paths: Paths, force: bool = False) -> Path:
     classifier, type_probs = (fit_cell_type_classifier(
         paths, {i: t.cell_type for i, t in truth.items()}, fold_of) if cfg.ensemble.cell_type_classifier
                               else (None, None))
-    memo: dict = {}  # per-image score rows, shared with the cross-validated tunings
+    memo = TuningMemo.for_config(cfg)  # score rows and masks, shared with the cross-validated tunings
     params, report = tune_ensemble(oof_by_model, truth, cfg, mask_fns, type_probs, memo)
     params.cell_type_classifier = classifier
     if cfg.ensemble.cross_validate and len(set(fold_of.values())) > 1:
         used = {i: truth[i] for i in report["image_ids"]}
         cv = cross_validated_scores(oof_by_model, used, fold_of, cfg, mask_fns, type_probs, memo)
         report["cross_validated"] = {m: summarise(s, used) for m, s in cv["per_image"].items()}
+    masks = memo.masks
+    log.info("mask head: %d of %d boxes asked computed (%.0f%% reused), %d MB of masks kept",
+             masks.computed, masks.asked, 100 * (1 - masks.computed / max(1, masks.asked)), masks.nbytes // 2**20)
     write_scores_csv(paths.ensemble_oof_scores, report, truth, fold_of)
     captions: dict[str, str] = {}
     figures = write_figures(paths, report, truth, params, oof_by_model, mask_fns, captions, type_probs)

@@ -2,7 +2,9 @@
 
 ``fit`` trains a ``NeurosegModel`` on a train set, validates it every ``val_every`` epochs with
 ``model.score_predictions`` (maximising ``model.val_metric``) and keeps ``last.pt`` (every epoch,
-the full state) and ``best.pt`` (the weights to predict with). AMP only on CUDA, gradient
+the full state) and ``best.pt`` (the weights to predict with). ``val_every: 0`` skips validation:
+``best.pt`` is then the last epoch's weights (the OOF pass after training predicts the same
+images, and 05 scores them, so a validation pass at the end would predict them twice). AMP only on CUDA, gradient
 clipping, per-step cosine schedule with linear warm-up, optional EMA, DDP under torchrun.
 
 Determinism: every epoch reseeds the global RNGs and the DataLoader generator from
@@ -237,6 +239,8 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, tc: TrainConfig,
     """Train (resuming from ``run.last_path`` when it belongs to this run); returns a summary."""
     info = info or DistInfo()
     device = device or torch.device("cpu")
+    if tc.val_every < 0:
+        raise ValueError(f"{run.desc}: train.val_every must be >= 0 (0: no validation), got {tc.val_every}")
     if len(train_set) == 0 or len(val_set) == 0:
         raise ValueError(f"{run.desc}: empty split (train {len(train_set)}, val {len(val_set)} images)")
     use_amp = bool(tc.amp and device.type == "cuda")
@@ -300,8 +304,10 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, tc: TrainConfig,
         all_losses = distributed.gather_objects(losses)
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "steps": steps}
         row.update({k: float(np.mean([d[k] for d in all_losses])) for k in losses})
-        validate = (epoch + 1) % max(1, tc.val_every) == 0 or epoch + 1 == tc.epochs
+        validate = tc.val_every > 0 and ((epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs)
         improved = False
+        if tc.val_every == 0 and epoch + 1 == tc.epochs:  # no validation: predict with the last weights
+            improved, best, best_epoch = True, math.nan, epoch + 1
         if validate:
             eval_model = ema.module if ema is not None else base
             metrics = _val_metrics(eval_model, val_loader, device, use_amp)
@@ -344,8 +350,9 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, tc: TrainConfig,
             on_epoch_end(epoch + 1, row)
     if best_epoch < 0 and start == tc.epochs > 0:  # a finished run whose best.pt was deleted
         eval_model = ema.module if ema is not None else base
-        value = _val_metrics(eval_model, val_loader, device, use_amp).get(metric_name, math.nan)
-        if not math.isnan(value):
+        value = (_val_metrics(eval_model, val_loader, device, use_amp).get(metric_name, math.nan)
+                 if tc.val_every > 0 else math.nan)
+        if tc.val_every == 0 or not math.isnan(value):
             best, best_epoch = value, start
             if info.is_main:
                 checkpoint.save({**run.meta, "model": eval_model.state_dict(), "epoch": start, "metric": best,
