@@ -9,10 +9,12 @@ from ensemble_toys import CELLS, H, W, as_oof, ellipse_in, ellipse_mask_fn, imag
 
 from neuroseg import config
 from neuroseg.config import CELL_TYPES
+from neuroseg.ensemble import fusion
 from neuroseg.ensemble.fusion import fuse, single_model
 from neuroseg.ensemble.params import EnsembleParams
 from neuroseg.ensemble.tuning import (
     CHEAP_EVALS_PER_TRIAL,
+    SCORE_GRID,
     coordinate_search,
     predictions_from_oof,
     score_table,
@@ -115,6 +117,40 @@ def tuned():
     for fn in mask_fns.values():  # what the tuning asked, before other tests call fuse with them
         fn.tuning_calls = list(fn.calls)
     return oof, truth, mask_fns, params, report
+
+
+def test_the_mask_head_never_sees_a_box_below_the_lowest_score_threshold_searched(tuned):
+    """ensemble.min_score_threshold (0.1 by default) bounds the search, and the fused boxes scored
+    below it get no mask; rows at the thresholds searched are those of an unpruned tuning."""
+    from neuroseg.ensemble import tuning
+
+    oof, truth, mask_fns, params, _ = tuned
+    assert all(p.score_threshold >= 0.1 for p in params.ensemble.values())
+    ids = ["cort0", "cort1"]
+
+    local = {m: dict(oof[m]) for m in oof}  # the fixture's OOF stays as it is
+    for i in ids:  # Mask R-CNN's boxes rescored to 0.02-0.2: some fall below the floor
+        s = oof["maskrcnn"][i]["scores"]
+        local["maskrcnn"][i] = {**oof["maskrcnn"][i], "scores": np.linspace(0.02, 0.2, len(s)).astype(s.dtype)}
+
+    def get_pred(i):
+        return predictions_from_oof(i, truth[i].shape, {m: local[m][i] for m in local})
+    p = {"model_weights": (0.0, 1.0), "wbf_iou": 0.55, "wbf_skip": 0.01, "upernet_weight": 0.0,
+         "mask_threshold": 0.5, "min_area": 0, "max_overlap": 1.0, "upernet_instances": 0.0}
+    rows = {}
+    for floor in (0.0, 0.1):
+        fns = {i: ellipse_mask_fn() for i in ids}
+        tuner = tuning._EnsembleTuner(ids, truth, get_pred, fns, "cort", 0.3, None)
+        tuner.free_grid = [s for s in SCORE_GRID if s >= floor]
+        rows[floor] = tuner.table(p)
+        asked = [len(b) for fn in fns.values() for b, _ in fn.calls]
+        fused = [len(fusion.fuse_boxes(get_pred(i), tuner.params(p, 0.0))[0]) for i in ids]
+        if floor == 0.0:
+            assert asked == fused
+        else:
+            scores = [fusion.fuse_boxes(get_pred(i), tuner.params(p, 0.0))[1] for i in ids]
+            assert asked == [int((s >= 0.1).sum()) for s in scores] and sum(asked) < sum(fused)
+    np.testing.assert_array_equal(rows[0.1], rows[0.0][:, SCORE_GRID.index(0.1):])
 
 
 def test_tuned_parameters_beat_the_defaults(tuned):

@@ -342,10 +342,14 @@ class _EnsembleTuner(_Tuner):
                                                                "min_area": 0, "max_overlap": 1.0,
                                                                "upernet_instances": 0.0}, 0.0)
         out = {}
+        # a box scored below every score threshold searched can never be kept (rescoring only
+        # lowers a score, and it would be painted after every box that is): no mask for it
+        floor = min(self.free_grid)
         for i in Progress(self.ids, f"ensemble {self.cell_type} boxes {box_key}", unit="img"):
             fn = self.mask_fns.get(i) if self.mask_fns is not None else None
             fn = self.memo.masks.wrap(i, fn) if fn is not None else None
-            out[i] = ens.ensemble_candidates(self.get_pred(i), tp, self.cell_type, fn, self.prune, keep_fg=True)
+            out[i] = ens.ensemble_candidates(self.get_pred(i), tp, self.cell_type, fn, self.prune, keep_fg=True,
+                                             min_box_score=floor)
         return out
 
     def image_row(self, image_id: str, p: dict[str, Any]) -> np.ndarray:
@@ -556,7 +560,9 @@ def _tune_fusion(params: EnsembleParams, ids: list[str], votes, truth, get_pred,
         prune = min(grid["mask_threshold"] + [d.mask_threshold])
         tuner = _EnsembleTuner(group, truth, get_pred, mask_fns, t, prune,
                                params.upernet[t] if "upernet" in models else None, memo)
-        tuner.free_grid = _with(SCORE_GRID, d.score_threshold)
+        # thresholds below ensemble.min_score_threshold are not searched: it spares the mask head
+        # the many low-scored fused boxes (about half of them at 0.1 on real OOF images)
+        tuner.free_grid = _with([s for s in SCORE_GRID if s >= cfg.ensemble.min_score_threshold], d.score_threshold)
         defaults.update(zip(group, tuner.table(start)[:, tuner.free_grid.index(d.score_threshold)].tolist()))
         best, j, scores, n = _tune(tuner, grid, start, cfg, 30 + k, f"ensemble {t}", costly=_EnsembleTuner.BOX_KEYS)
         params.ensemble[t] = _EnsembleTuner.params(best, tuner.free_grid[j])
