@@ -212,7 +212,7 @@ class MaskMemo:
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget, self.nbytes = int(budget_bytes), 0
-        self.calls = self.asked = self.computed = 0
+        self.asked = self.computed = 0  # boxes asked for, and those the mask head ran on
         self._kept: dict[str, dict[bytes, np.ndarray]] = {}
         self._recent: dict[str, list[dict[bytes, np.ndarray]]] = {}
 
@@ -232,7 +232,7 @@ class MaskMemo:
                 if m is not None:
                     found[k] = m
             todo = [j for j, k in enumerate(keys) if k not in found]
-            self.calls, self.asked, self.computed = self.calls + 1, self.asked + len(keys), self.computed + len(todo)
+            self.asked, self.computed = self.asked + len(keys), self.computed + len(todo)
             if todo:
                 new = np.asarray(mask_fn(boxes[todo], labels[todo]), np.float32).reshape(-1, MASK_SIZE, MASK_SIZE)
                 for j, m in zip(todo, new):

@@ -4,8 +4,9 @@
 ``model.score_predictions`` (maximising ``model.val_metric``) and keeps ``last.pt`` (every epoch,
 the full state) and ``best.pt`` (the weights to predict with). ``val_every: 0`` skips validation:
 ``best.pt`` is then the last epoch's weights (the OOF pass after training predicts the same
-images, and 05 scores them, so a validation pass at the end would predict them twice). AMP only on CUDA, gradient
-clipping, per-step cosine schedule with linear warm-up, optional EMA, DDP under torchrun.
+images, and 05 scores them, so a validation pass at the end would predict them twice).
+AMP only on CUDA, gradient clipping, per-step cosine schedule with linear warm-up, optional EMA,
+DDP under torchrun.
 
 Determinism: every epoch reseeds the global RNGs and the DataLoader generator from
 ``(seed, epoch, rank)``, so an epoch's randomness does not depend on what ran before it; a
