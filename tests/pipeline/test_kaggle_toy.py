@@ -6,7 +6,8 @@ kaggle config's: YOLOX-x, Mask R-CNN R50 v2, UPerNet ConvNeXt-B, 5 folds. Only w
 is overridden (``TOY``): the image sizes (a synthetic competition folder of 128 x 160 images,
 with ``train_semi_supervised/`` and a LIVECell-style COCO set of 96 x 120 TIFFs, both written by
 ``neuroseg synth``), the input sizes, epochs, steps and batch sizes, detection counts and the
-tuning trials -- and the pseudo-label thresholds, which one-step models never reach. What this
+tuning trials -- and the score floors (the pseudo-label thresholds and the ensemble's lowest
+searched score threshold), which one-step models never reach. What this
 catches is wiring: a pretrained checkpoint that does not fit the fold models, a pseudo-label round
 that reads the wrong folder, a bundle that lacks a file the notebook needs.
 """
@@ -47,6 +48,7 @@ TOY = [
     "pretrain.epochs=1", "pretrain.max_val_images=2",
     "ensemble.tune_trials=2", "submission.batch_size=2",
     "pseudo.min_score=0", "pseudo.min_image_score=0", "pseudo.min_instances=1",
+    "ensemble.min_score_threshold=0",
 ]
 WITHHELD = ("neuroseg", "yolox", "segmentation-models-pytorch", "ensemble-boxes")
 
