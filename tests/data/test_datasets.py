@@ -16,6 +16,7 @@ from neuroseg.data.datasets import (
     InstanceDataset,
     collate,
     model_data_config,
+    needs_masks,
     pack_layers,
     unpack_layers,
 )
@@ -195,6 +196,31 @@ def test_collate_pads_mixed_orientations(tiny_records_dir, tiny_records):
     assert targets[0]["masks"].shape[-2:] == (160, 160) and targets[0]["semantic"].shape == (160, 160)
     assert targets[0]["masks"][:, 128:].sum() == 0 and targets[0]["semantic"][128:].sum() == 0
     assert torch.equal(targets[1]["masks"][:, :, :128], b[1]["masks"])
+
+
+def test_a_box_only_models_samples_are_the_same_without_masks(tiny_records_dir, tiny_records):
+    """YOLOX trains from boxes: its samples skip the (N, H, W) masks, and everything else is what
+    the full sample holds under the same augmentation draw; collate pads them all the same."""
+    assert [needs_masks(m) for m in ("yolox", "maskrcnn", "upernet")] == [False, True, True]
+    aug = AugmentConfig(hflip=0.5, vflip=0.5, rotate90=0.5, scale_limit=0.3, brightness_contrast=0.5, blur=0)
+    full = InstanceDataset(tiny_records, tiny_records_dir / "train", augment=aug)
+    boxes = InstanceDataset(tiny_records, tiny_records_dir / "train", augment=aug, masks=False)
+    pairs = []
+    for i in range(6):
+        torch.manual_seed(i)
+        a = full[i % 3]
+        torch.manual_seed(i)
+        pairs.append((a, boxes[i % 3]))
+    shapes = {tuple(a[0].shape) for a, _ in pairs}
+    assert len(shapes) == 2  # rotated and upright samples: collate pads
+    for (img_a, ta), (img_b, tb) in pairs:
+        assert "masks" in ta and "masks" not in tb and len(ta["boxes"]) > 0
+        assert torch.equal(img_a, img_b)
+        assert set(ta) - set(tb) == {"masks"}
+        assert all(torch.equal(ta[k], tb[k]) for k in ("boxes", "labels", "semantic", "cell_type"))
+    images, targets = collate([b for _, b in pairs])
+    assert images.shape[-2:] == (160, 160) and all("masks" not in t for t in targets)
+    assert {tuple(t["semantic"].shape) for t in targets} == {(160, 160)}
 
 
 def test_inference_dataset(tiny_records_dir, tiny_images):

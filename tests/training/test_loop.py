@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
@@ -196,6 +197,31 @@ def test_optimizer_choice_and_no_decay_on_1d_params():
     assert all(p.ndim > 1 for p in decayed["params"]) and plain["weight_decay"] == 0.0
     with pytest.raises(ValueError, match="adamw or sgd"):
         loop.build_optimizer(model, TrainConfig(optimizer="adam"))
+
+
+def test_adamw_is_fused_and_steps_as_the_plain_one():
+    torch.manual_seed(0)
+    model = T.ToySegmenter()
+    twin = copy.deepcopy(model)
+    tc = TrainConfig(optimizer="adamw", lr=0.01, weight_decay=0.1)
+    fused = loop.build_optimizer(model, tc)
+    assert fused.defaults["fused"] is True
+    decay = [p for p in twin.parameters() if p.ndim > 1]
+    plain = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                               {"params": [p for p in twin.parameters() if p.ndim <= 1], "weight_decay": 0.0}],
+                              lr=0.01, foreach=False)
+    x = torch.rand(2, 3, 16, 16)
+    for _ in range(3):
+        for m, opt in ((model, fused), (twin, plain)):
+            opt.zero_grad()
+            seg, cls = m._logits(x)
+            (seg.square().mean() + cls.square().mean()).backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    torch.manual_seed(0)
+    start = T.ToySegmenter()
+    assert all(not torch.equal(a, b) for a, b in zip(model.parameters(), start.parameters()))
 
 
 def test_ema_ramps_up_and_copies_integer_buffers():

@@ -10,7 +10,8 @@ layers.
 
 ``InstanceDataset`` yields ``(image float32 (3,H,W) in [0,1], target)`` with target keys
 ``boxes (N,4) float32 xyxy`` (pixel edges: a one-pixel cell at column x is [x, x+1)),
-``labels (N,) int64`` (cell type index + 1), ``masks (N,H,W) uint8``, ``semantic (H,W) int64``
+``labels (N,) int64`` (cell type index + 1), ``masks (N,H,W) uint8`` (not for a box-only model:
+``masks=False``), ``semantic (H,W) int64``
 (0 background, 1 interior, 2 border), ``cell_type`` int64 scalar (0..2), ``image_id`` str.
 """
 
@@ -106,6 +107,17 @@ def build_augment(cfg: AugmentConfig) -> A.Compose:
 LETTERBOX_MODELS = ("yolox",)
 """Models that letterbox whatever they are given to a fixed input size."""
 
+BOX_ONLY_MODELS = ("yolox",)
+"""Models that train from boxes alone: their samples carry no instance masks. A dense whole
+704 x 520 image holds hundreds (0.2 GB as uint8 at 547 cells); without them YOLOX's samples of
+sartorius-mini cost 1.5x less on average, 2.6x less on its densest 8 images
+(bench/bench_samples.py)."""
+
+
+def needs_masks(model_name: str) -> bool:
+    """Whether ``model_name``'s training samples must carry instance masks."""
+    return model_name not in BOX_ONLY_MODELS
+
 
 def model_data_config(cfg: Config, model_name: str) -> Config:
     """``cfg`` as ``model_name``'s training data sees it: the model's own ``crop_size`` when it sets
@@ -162,6 +174,7 @@ class InstanceDataset(Dataset):
         scale: float = 1.0,
         border_width: int = 2,
         border_mode: str = "outline",
+        masks: bool = True,
     ) -> None:
         if scale <= 0:
             raise ValueError(f"scale must be > 0, got {scale}")
@@ -172,6 +185,7 @@ class InstanceDataset(Dataset):
         self.scale = float(scale)
         self.border_width = int(border_width)
         self.border_mode = border_mode
+        self.masks = bool(masks)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -206,15 +220,17 @@ class InstanceDataset(Dataset):
             raise ValueError(f"id {rec.image_id}: bad annotation: {e}") from None
         label = CELL_TYPES.index(rec.cell_type) + 1
         return make_sample(image, instances, self._semantic(rec, instances), np.full(len(instances), label),
-                           label - 1, rec.image_id, self.scale, self.augment)
+                           label - 1, rec.image_id, self.scale, self.augment, self.masks)
 
 
 def make_sample(image: np.ndarray, instances: Sequence[np.ndarray], semantic: np.ndarray, labels: np.ndarray,
-                cell_type: int, image_id: str, scale: float, augment: A.Compose | None) -> tuple[torch.Tensor, dict]:
+                cell_type: int, image_id: str, scale: float, augment: A.Compose | None,
+                masks: bool = True) -> tuple[torch.Tensor, dict]:
     """Image + flat-index instances + semantic target, all at the original size -> the model
     contract's ``(image, target)``: resized by ``scale`` and augmented together (the instances as
     packed label layers, one warp per layer rather than per instance). ``labels`` holds each
-    instance's 1..3; instances moved out of the frame are dropped."""
+    instance's 1..3; instances moved out of the frame are dropped. ``masks=False``: the target
+    has no "masks" (a box-only model's sample)."""
     n = len(instances)
     layers = pack_layers(instances, image.shape)
     image = resize_image(image, scale)
@@ -232,11 +248,12 @@ def make_sample(image: np.ndarray, instances: Sequence[np.ndarray], semantic: np
     target = {
         "boxes": torch.from_numpy(boxes[present]).reshape(-1, 4),
         "labels": torch.from_numpy(np.asarray(labels, dtype=np.int64).reshape(-1)[present]),
-        "masks": torch.from_numpy(unpack_layers(layers, n)[present]),
         "semantic": torch.from_numpy(semantic.astype(np.int64)),
         "cell_type": torch.tensor(cell_type, dtype=torch.int64),
         "image_id": image_id,
     }
+    if masks:
+        target["masks"] = torch.from_numpy(unpack_layers(layers, n)[present])
     return image_to_tensor(image), target
 
 
@@ -256,8 +273,7 @@ def collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, l
     for img, tgt in batch:
         images.append(_pad_to(img, h, w, _PAD_GRAY / 255.0))
         if img.shape[-2:] != (h, w):
-            tgt = {**tgt, "masks": _pad_to(tgt["masks"], h, w, 0),
-                   "semantic": _pad_to(tgt["semantic"], h, w, 0)}
+            tgt = {**tgt, **{k: _pad_to(tgt[k], h, w, 0) for k in ("masks", "semantic") if k in tgt}}
         targets.append(tgt)
     return torch.stack(images), targets
 

@@ -175,7 +175,7 @@ class TrainingSet(ConcatDataset):
 
 
 def add_pseudo_labels(cfg: Config, paths: Paths, train_set: Dataset, fold: int,
-                      labelled_ids: set[str]) -> Dataset:
+                      labelled_ids: set[str], masks: bool = True) -> Dataset:
     """``train_set`` followed by fold ``fold``'s pseudo-labelled images (one dataset per folder)."""
     from neuroseg.data.datasets import InstanceDataset
 
@@ -187,7 +187,7 @@ def add_pseudo_labels(cfg: Config, paths: Paths, train_set: Dataset, fold: int,
         return train_set
     parts = [InstanceDataset(recs, image_dir=d, semantic_dir=None, augment=cfg.data.augment,
                              scale=cfg.data.train_scale, border_width=cfg.preprocess.border_width,
-                             border_mode=cfg.preprocess.border)
+                             border_mode=cfg.preprocess.border, masks=masks)
              for d, recs in by_dir.items()]
     return TrainingSet([train_set, *parts])
 

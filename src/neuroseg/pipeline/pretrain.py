@@ -75,9 +75,10 @@ def _evenly(n: int, k: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, n - 1, k).round()})
 
 
-def build_datasets(cfg: Config, paths: Paths, index: bool = True):
+def build_datasets(cfg: Config, paths: Paths, index: bool = True, masks: bool = True):
     """(train set, val set, index files) of the pretraining data. ``index=False`` only opens
-    the index files (the other ranks under torchrun, once rank 0 has built them)."""
+    the index files (the other ranks under torchrun, once rank 0 has built them); ``masks=False``:
+    samples without instance masks (a box-only model)."""
     from neuroseg.data.coco.dataset import ClassMapping, CocoInstanceDataset
     from neuroseg.data.coco.index import CocoIndex, build_index
 
@@ -89,7 +90,7 @@ def build_datasets(cfg: Config, paths: Paths, index: bool = True):
         return CocoIndex(build_index(json_path, images, db) if index else db)
 
     common = dict(scale=cfg.data.train_scale, border_width=cfg.preprocess.border_width,
-                  border_mode=cfg.preprocess.border)
+                  border_mode=cfg.preprocess.border, masks=masks)
     train_index = open_index(src.train_json, src.train_images)
     train_set = CocoInstanceDataset(train_index, mapping, augment=cfg.data.augment, **common)
     k = cfg.pretrain.max_val_images
@@ -141,7 +142,7 @@ def pretrain_model(cfg: Config, paths: Paths, model_name: str, force: bool = Fal
     ``models.build`` (tests)."""
     if model_name not in MODEL_NAMES:
         raise ValueError(f"unknown model {model_name!r}; valid: {list(MODEL_NAMES)}")
-    from neuroseg.data.datasets import collate, model_data_config
+    from neuroseg.data.datasets import collate, model_data_config, needs_masks
 
     info = distributed.env_info()
     device = distributed.resolve_device(cfg.device, info)
@@ -149,9 +150,10 @@ def pretrain_model(cfg: Config, paths: Paths, model_name: str, force: bool = Fal
     t0 = time.time()
     # one process indexes; the others open its files
     data_cfg = model_data_config(cfg, model_name)
-    data = build_datasets(data_cfg, paths) if info.is_main else None
+    masks = needs_masks(model_name)
+    data = build_datasets(data_cfg, paths, masks=masks) if info.is_main else None
     distributed.barrier()
-    train_set, val_set, index_files = data or build_datasets(data_cfg, paths, index=False)
+    train_set, val_set, index_files = data or build_datasets(data_cfg, paths, index=False, masks=masks)
     h = config_hash(cfg, model_name, index_files)
     files = run_files(paths, model_name)
     best = files.best

@@ -84,21 +84,22 @@ def load_fold_records(cfg: Config, paths: Paths, fold: int) -> tuple[list[ImageR
 
 
 def build_datasets(cfg: Config, paths: Paths, train: list[ImageRecord], val: list[ImageRecord],
-                   fold: int | None = None):
+                   fold: int | None = None, masks: bool = True):
     """(train set, val set) of a fold; with ``pseudo.enabled`` the train set (only) is followed by
-    the fold's pseudo-labelled images (``pseudo_data``), which needs ``fold``."""
+    the fold's pseudo-labelled images (``pseudo_data``), which needs ``fold``. ``masks=False``:
+    samples without instance masks (a box-only model, ``datasets.needs_masks``)."""
     from neuroseg.data.datasets import InstanceDataset
 
     sem = paths.semantic_dir if paths.semantic_dir.is_dir() else None
     common = dict(image_dir=paths.train_images, semantic_dir=sem, scale=cfg.data.train_scale,
-                  border_width=cfg.preprocess.border_width, border_mode=cfg.preprocess.border)
+                  border_width=cfg.preprocess.border_width, border_mode=cfg.preprocess.border, masks=masks)
     train_set = InstanceDataset(train, augment=cfg.data.augment, **common)
     val_set = InstanceDataset(val, augment=None, **common)
     if cfg.pseudo.enabled:
         if fold is None:
             raise ValueError("build_datasets: pseudo.enabled needs the fold (its pseudo-labels)")
         labelled = {r.image_id for r in (*train, *val)}
-        train_set = add_pseudo_labels(cfg, paths, train_set, fold, labelled)
+        train_set = add_pseudo_labels(cfg, paths, train_set, fold, labelled, masks)
     return train_set, val_set
 
 
@@ -201,7 +202,7 @@ def train_fold(cfg: Config, paths: Paths, model_name: str, fold: int, force: boo
 
 def _fit_fold(cfg, paths, model_name, fold, config_hash, train_recs, val_recs, device, info,
               model_factory, on_epoch_end) -> dict[str, Any]:
-    from neuroseg.data.datasets import collate, model_data_config
+    from neuroseg.data.datasets import collate, model_data_config, needs_masks
 
     tc = getattr(cfg, model_name).train
     checkpoint.seed_everything(cfg.seed)  # same initial weights on every rank and every rerun
@@ -213,7 +214,8 @@ def _fit_fold(cfg, paths, model_name, fold, config_hash, train_recs, val_recs, d
         model = model_factory()
     if cfg.pretrain.enabled:  # before fit: the EMA starts from these weights; a resume replaces them
         pretrain.load_pretrained(model, cfg, paths, model_name)
-    train_set, val_set = build_datasets(model_data_config(cfg, model_name), paths, train_recs, val_recs, fold)
+    train_set, val_set = build_datasets(model_data_config(cfg, model_name), paths, train_recs, val_recs, fold,
+                                        masks=needs_masks(model_name))
     run = loop.FitRun(
         last_path=paths.last_checkpoint(model_name, fold), best_path=paths.best_checkpoint(model_name, fold),
         history_path=paths.history_csv(model_name, fold), config_hash=config_hash,

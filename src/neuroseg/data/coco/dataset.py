@@ -98,7 +98,7 @@ class CocoInstanceDataset(Dataset):
 
     def __init__(self, index: CocoIndex, mapping: ClassMapping, augment: AugmentConfig | None = None,
                  scale: float = 1.0, border_width: int = 2, border_mode: str = "outline",
-                 subset: Sequence[int] | None = None) -> None:
+                 subset: Sequence[int] | None = None, masks: bool = True) -> None:
         if scale <= 0:
             raise ValueError(f"scale must be > 0, got {scale}")
         self.index = index
@@ -110,6 +110,7 @@ class CocoInstanceDataset(Dataset):
         self.scale = float(scale)
         self.border_width = int(border_width)
         self.border_mode = border_mode
+        self.masks = bool(masks)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -141,4 +142,4 @@ class CocoInstanceDataset(Dataset):
                       else CELL_TYPES.index(self.mapping.default))
         semantic = semantic_target_from_indices(instances, image.shape, self.border_width, self.border_mode)
         return make_sample(image, instances, semantic, np.asarray(labels, dtype=np.int64), image_type,
-                           im.file_name, self.scale, self.augment)
+                           im.file_name, self.scale, self.augment, self.masks)
