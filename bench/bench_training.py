@@ -1,5 +1,5 @@
 """Training cost on real data: seconds per train step, per validation pass and per OOF pass for
-each model, through the real loop (``train.train_fold``), and the whole-config estimate.
+each model, through the real loop (``train_folds.train_fold``), and the whole-config estimate.
 
     NEUROSEG_DATA_DIR=../shared/data/sartorius-mini .venv/bin/python bench/bench_training.py \\
         --config configs/cpu.yaml --output-dir /tmp/bench_out --steps 5
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from neuroseg import config as config_mod  # noqa: E402
 from neuroseg.paths import MODEL_NAMES, Paths  # noqa: E402
-from neuroseg.pipeline import train  # noqa: E402
+from neuroseg.pipeline import train_folds as train  # noqa: E402
 from neuroseg.pipeline.preprocess import run_preprocess  # noqa: E402
 from neuroseg.utils.logging import setup_logging  # noqa: E402
 

@@ -446,3 +446,41 @@ def test_fit_records_zero_skipped_steps_when_all_are_finite(tmp_path, caplog):
         toy_fit(tmp_path, epochs=1)
     assert pd.read_csv(tmp_path / "history.csv")["skipped_steps"].tolist() == [0.0]
     assert "skipped" not in caplog.text
+
+
+class _DtypeRecorder(T.ToySegmenter):
+    """The toy segmenter, noting the dtype its convolution computes in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.dtype] = []
+
+    def _logits(self, images):
+        seg, cls = super()._logits(images)
+        if self.training:
+            self.seen.append(seg.dtype)
+        return seg, cls
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_cpu_bf16_trains_in_bfloat16_where_the_cpu_has_it(paths, monkeypatch, caplog, supported):
+    monkeypatch.setattr(loop, "cpu_bf16_supported", lambda: supported)
+    models = []
+
+    def factory():
+        models.append(_DtypeRecorder())
+        return models[-1]
+
+    cfg = T.toy_config("upernet.train.cpu_bf16=true", "upernet.train.val_every=0")
+    with caplog.at_level(logging.WARNING):
+        train_folds.train_fold(cfg, paths, "upernet", 0, model_factory=factory)
+    model = models[0]  # the trained one (the OOF pass builds another)
+    assert model.seen == [torch.bfloat16 if supported else torch.float32] * 4  # 2 epochs x 2 steps
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
+    assert ("no native bfloat16" in caplog.text) is not supported
+    state = checkpoint.load(paths.best_checkpoint("upernet", 0))["model"]
+    assert all(v.dtype != torch.bfloat16 for v in state.values())
+    # off by default, and never on CUDA (float16 AMP there)
+    assert loop.autocast_dtype(TrainConfig(), torch.device("cpu")) is None
+    assert loop.autocast_dtype(TrainConfig(cpu_bf16=True, amp=False), torch.device("cuda")) is None
+    assert loop.autocast_dtype(TrainConfig(cpu_bf16=True), torch.device("cuda")) == torch.float16

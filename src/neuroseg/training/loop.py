@@ -136,7 +136,25 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 # ---- one epoch, one evaluation ----
 
-def train_one_epoch(model, loader, opt, sched, scaler, ema, device, tc: TrainConfig, use_amp: bool,
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU computes bfloat16 natively (oneDNN's test: AVX512-BF16 or AMX)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def autocast_dtype(tc: TrainConfig, device: torch.device, desc: str = "") -> torch.dtype | None:
+    """The training steps' autocast type: float16 with ``amp`` on CUDA, bfloat16 with ``cpu_bf16``
+    on a CPU that supports it, else None (fp32)."""
+    if device.type == "cuda":
+        return torch.float16 if tc.amp else None
+    if device.type == "cpu" and tc.cpu_bf16:
+        if cpu_bf16_supported():
+            return torch.bfloat16
+        log.warning("%s: train.cpu_bf16 is set but this CPU has no native bfloat16 (AVX512-BF16 or AMX): "
+                    "training in fp32", desc or "training")
+    return None
+
+
+def train_one_epoch(model, loader, opt, sched, scaler, ema, device, tc: TrainConfig, amp_dtype: torch.dtype | None,
                     max_steps: int, desc: str, show: bool) -> dict[str, float]:
     model.train()
     sums: dict[str, float] = {}
@@ -147,7 +165,7 @@ def train_one_epoch(model, loader, opt, sched, scaler, ema, device, tc: TrainCon
         if steps >= max_steps:
             break
         images, targets = to_device(batch, device)
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             losses = model(images, targets)
         if not isinstance(losses, dict) or not losses:
             raise TypeError(f"model in train mode must return a dict of losses, got {type(losses).__name__}")
@@ -159,8 +177,8 @@ def train_one_epoch(model, loader, opt, sched, scaler, ema, device, tc: TrainCon
         norm = torch.nn.utils.clip_grad_norm_(unwrap(model).parameters(), clip)
         finite = bool(torch.isfinite(norm))
         # Gradients are all-reduced before this check, so every rank skips the same steps. With
-        # AMP the scaler itself skips a step with inf gradients (and backs off its scale).
-        if finite or use_amp:
+        # float16 AMP the scaler itself skips a step with inf gradients (and backs off its scale).
+        if finite or scaler.is_enabled():
             scaler.step(opt)
         if finite and ema is not None:
             ema.update(unwrap(model))
@@ -249,7 +267,8 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, tc: TrainConfig,
         raise ValueError(f"{run.desc}: train.val_every must be >= 0 (0: no validation), got {tc.val_every}")
     if len(train_set) == 0 or len(val_set) == 0:
         raise ValueError(f"{run.desc}: empty split (train {len(train_set)}, val {len(val_set)} images)")
-    use_amp = bool(tc.amp and device.type == "cuda")
+    use_amp = bool(tc.amp and device.type == "cuda")  # validation: float16 on CUDA only
+    amp_dtype = autocast_dtype(tc, device, run.desc)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # speed; bitwise reproducibility is promised on CPU only
     model.to(device)
@@ -261,7 +280,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, tc: TrainConfig,
     if tc.max_train_steps_per_epoch > 0:
         steps = min(steps, tc.max_train_steps_per_epoch)
     sched = build_scheduler(opt, tc, steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     start, best, best_epoch, rows = 0, -math.inf, -1, []
     if run.last_path.is_file():
@@ -303,7 +322,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, tc: TrainConfig,
             sampler.set_epoch(epoch)
         base.on_epoch_start(epoch, tc.epochs)
         desc = f"{run.desc} epoch {epoch + 1}/{tc.epochs}"
-        losses = train_one_epoch(model, train_loader, opt, sched, scaler, ema, device, tc, use_amp,
+        losses = train_one_epoch(model, train_loader, opt, sched, scaler, ema, device, tc, amp_dtype,
                                  steps, desc, info.is_main)
         train_s = time.time() - t0
         # mean of the per-rank means (equal step counts per rank)
