@@ -448,6 +448,33 @@ def test_fit_records_zero_skipped_steps_when_all_are_finite(tmp_path, caplog):
     assert "skipped" not in caplog.text
 
 
+def test_fused_adamw_under_a_grad_scaler_unscales_once_and_skips_inf_steps():
+    """The loop's float16 path (CUDA) calls scaler.unscale_ before clipping, then scaler.step: a
+    fused AdamW must then step on the unscaled gradients, and skip a step with an inf gradient."""
+    torch.manual_seed(0)
+    model = T.ToySegmenter()
+    twin = copy.deepcopy(model)
+    tc = TrainConfig(optimizer="adamw", lr=0.01, weight_decay=0.0)
+    fused = loop.build_optimizer(model, tc)
+    plain = torch.optim.AdamW(twin.parameters(), lr=0.01, weight_decay=0.0, foreach=False)
+    x = torch.rand(2, 3, 16, 16)
+    for poison in (False, True, False):
+        for m, opt in ((model, fused), (twin, plain)):
+            scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+            before = [p.detach().clone() for p in m.parameters()]
+            opt.zero_grad()
+            seg, cls = m._logits(x)
+            scaler.scale(seg.square().mean() + cls.square().mean()).backward()
+            if poison:
+                next(m.parameters()).grad[0].view(-1)[0] = float("inf")
+            scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+            assert all(torch.equal(a, b) for a, b in zip(before, m.parameters())) is poison
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 class _DtypeRecorder(T.ToySegmenter):
     """The toy segmenter, noting the dtype its convolution computes in."""
 
