@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("maskrcnn", "upernet"):
         data_cfg = model_data_config(cfg, name)
         tc = getattr(cfg, name).train
-        ds = InstanceDataset(records[:tc.batch_size * 2], args.data_dir / "train", augment=data_cfg.data.augment,
+        ds = InstanceDataset(records[:tc.batch_size], args.data_dir / "train", augment=data_cfg.data.augment,
                              masks=needs_masks(name))
         torch.manual_seed(0)
         images, targets = collate([ds[i] for i in range(tc.batch_size)])

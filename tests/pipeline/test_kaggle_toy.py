@@ -7,9 +7,9 @@ is overridden (``TOY``): the image sizes (a synthetic competition folder of 128 
 with ``train_semi_supervised/`` and a LIVECell-style COCO set of 96 x 120 TIFFs, both written by
 ``neuroseg synth``), the input sizes, epochs, steps and batch sizes, detection counts and the
 tuning trials -- and the score floors (the pseudo-label thresholds and the ensemble's lowest
-searched score threshold), which one-step models never reach. What this
-catches is wiring: a pretrained checkpoint that does not fit the fold models, a pseudo-label round
-that reads the wrong folder, a bundle that lacks a file the notebook needs.
+searched score threshold), which one-step models never reach. What this catches is wiring: a
+pretrained checkpoint that does not fit the fold models, a pseudo-label round that reads the wrong
+folder, a bundle that lacks a file the notebook needs.
 """
 
 from __future__ import annotations

@@ -199,6 +199,11 @@ def test_optimizer_choice_and_no_decay_on_1d_params():
         loop.build_optimizer(model, TrainConfig(optimizer="adam"))
 
 
+def _toy_loss(model, x: torch.Tensor) -> torch.Tensor:
+    seg, cls = model._logits(x)
+    return seg.square().mean() + cls.square().mean()
+
+
 def test_adamw_is_fused_and_steps_as_the_plain_one():
     torch.manual_seed(0)
     model = T.ToySegmenter()
@@ -214,8 +219,7 @@ def test_adamw_is_fused_and_steps_as_the_plain_one():
     for _ in range(3):
         for m, opt in ((model, fused), (twin, plain)):
             opt.zero_grad()
-            seg, cls = m._logits(x)
-            (seg.square().mean() + cls.square().mean()).backward()
+            _toy_loss(m, x).backward()
             opt.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
@@ -463,8 +467,7 @@ def test_fused_adamw_under_a_grad_scaler_unscales_once_and_skips_inf_steps():
             scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
             before = [p.detach().clone() for p in m.parameters()]
             opt.zero_grad()
-            seg, cls = m._logits(x)
-            scaler.scale(seg.square().mean() + cls.square().mean()).backward()
+            scaler.scale(_toy_loss(m, x)).backward()
             if poison:
                 next(m.parameters()).grad[0].view(-1)[0] = float("inf")
             scaler.unscale_(opt)

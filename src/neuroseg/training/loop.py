@@ -5,8 +5,9 @@
 the full state) and ``best.pt`` (the weights to predict with). ``val_every: 0`` skips validation:
 ``best.pt`` is then the last epoch's weights (the OOF pass after training predicts the same
 images, and 05 scores them, so a validation pass at the end would predict them twice).
-AMP only on CUDA, gradient clipping, per-step cosine schedule with linear warm-up, optional EMA,
-DDP under torchrun.
+float16 AMP on CUDA (bfloat16 autocast on a CPU with native bf16 when ``train.cpu_bf16`` asks for
+it: :func:`autocast_dtype`), gradient clipping, per-step cosine schedule with linear warm-up,
+optional EMA, DDP under torchrun.
 
 Determinism: every epoch reseeds the global RNGs and the DataLoader generator from
 ``(seed, epoch, rank)``, so an epoch's randomness does not depend on what ran before it; a
@@ -267,8 +268,8 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, tc: TrainConfig,
         raise ValueError(f"{run.desc}: train.val_every must be >= 0 (0: no validation), got {tc.val_every}")
     if len(train_set) == 0 or len(val_set) == 0:
         raise ValueError(f"{run.desc}: empty split (train {len(train_set)}, val {len(val_set)} images)")
-    use_amp = bool(tc.amp and device.type == "cuda")  # validation: float16 on CUDA only
     amp_dtype = autocast_dtype(tc, device, run.desc)
+    use_amp = amp_dtype == torch.float16  # validation: float16 AMP on CUDA, never bf16 on the CPU
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # speed; bitwise reproducibility is promised on CPU only
     model.to(device)
