@@ -157,6 +157,11 @@ class EnsembleConfig:
     # also report scores cross-validated over the OOF folds (tune on the other folds, score this
     # one): the honest figure beside the in-sample one; costs one more tuning per fold
     cross_validate: bool = True
+    # processes of 05: the in-sample tuning in the main one, the cross-validated fold tunings in
+    # the others (0: one per CPU core, at most 1 + the folds; 1: all in one process, one after the
+    # other). The tuning is mostly single-threaded Python, so on 2 cores 2 processes take about
+    # 0.6x the wall time of 1 (BENCHMARKS.md); each process keeps its own caches (the *_mb budgets)
+    workers: int = 0
 
 
 @dataclass(frozen=True)

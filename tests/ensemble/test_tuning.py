@@ -201,15 +201,13 @@ def test_tune_without_maskrcnn_uses_upernet_masks(tuned):
         tune_ensemble({"yolox": {"x": oof["yolox"][ids[0]]}}, {i: truth[i] for i in ids}, cfg, None)
 
 
-def test_run_ensemble_writes_params_report_and_skips_when_fresh(tmp_path, tuned):
+def _toy_run(tmp_path, tuned, n_folds: int = 2):
+    """A data dir of the toy images and an output dir with their OOF cache in ``n_folds`` folds."""
     from conftest import write_kaggle_dir
     from ensemble_toys import CELLS, ellipse_in
 
     from neuroseg.evaluation import oof_cache as oof_mod
-    from neuroseg.inference.predict import load_params
     from neuroseg.paths import Paths
-    from neuroseg.pipeline.tune_ensemble import run_ensemble
-    from neuroseg.utils.atomic_io import read_json
 
     oof, truth, _, _, _ = tuned
     ids = sorted(truth)
@@ -217,13 +215,24 @@ def test_run_ensemble_writes_params_report_and_skips_when_fresh(tmp_path, tuned)
     write_kaggle_dir(tmp_path / "data", {i: (truth[i].cell_type, rng.integers(0, 255, (H, W), dtype=np.uint8),
                                              np.array([ellipse_in(b) for b in CELLS])) for i in ids})
     paths = Paths(tmp_path / "data", tmp_path / "out")
+    for m in ("yolox", "upernet"):
+        for fold in range(n_folds):
+            oof_mod.write_oof(paths, m, fold, [(i, oof[m][i]) for i in ids[fold::n_folds]], "hash", "sha")
+    return paths
+
+
+def test_run_ensemble_writes_params_report_and_skips_when_fresh(tmp_path, tuned):
+    from neuroseg.evaluation import oof_cache as oof_mod
+    from neuroseg.inference.predict import load_params
+    from neuroseg.paths import Paths
+    from neuroseg.pipeline.tune_ensemble import run_ensemble
+    from neuroseg.utils.atomic_io import read_json
+
     cfg = config.from_dict({"folds": {"n_folds": 2}, "ensemble": {"models": ["yolox", "upernet"],
                                                                   "tune_trials": 4}})
     with pytest.raises(oof_mod.OOFError, match="yolox fold 0.*02_train_yolox.py"):
-        run_ensemble(cfg, paths)
-    for m in ("yolox", "upernet"):
-        for fold in (0, 1):
-            oof_mod.write_oof(paths, m, fold, [(i, oof[m][i]) for i in ids[fold::2]], "hash", "sha")
+        run_ensemble(cfg, Paths(tmp_path / "data", tmp_path / "empty"))
+    paths = _toy_run(tmp_path, tuned)
     out = run_ensemble(cfg, paths)
     stored = read_json(out)
     assert stored["n_images"] == 6 and stored["models"] == ["yolox", "upernet"]
@@ -253,6 +262,44 @@ def test_run_ensemble_writes_params_report_and_skips_when_fresh(tmp_path, tuned)
     run_ensemble(config.from_dict({**cfg.to_dict(), "ensemble": {**cfg.to_dict()["ensemble"], "tune_seed": 1}}),
                  paths)
     assert out.stat().st_mtime_ns > mtime
+
+
+def test_fold_tunings_in_other_processes_score_as_in_one(tmp_path, tuned, caplog):
+    # ensemble.workers: the cross-validated fold tunings run in spawned processes beside the
+    # in-sample one; the figures must be those of one process doing everything in turn
+    from neuroseg.pipeline.tune_ensemble import run_ensemble
+    from neuroseg.utils.atomic_io import read_json
+
+    paths = _toy_run(tmp_path, tuned, n_folds=3)
+    stored = {}
+    for workers in (1, 3):
+        cfg = config.from_dict({"folds": {"n_folds": 3}, "ensemble": {"models": ["yolox", "upernet"],
+                                                                      "tune_trials": 4, "workers": workers}})
+        with caplog.at_level("INFO", logger="neuroseg"):
+            caplog.clear()
+            stored[workers] = read_json(run_ensemble(cfg, paths, force=True))
+        spawned = "cross-validated tuning of folds [0, 1, 2] in 2 more process(es)" in caplog.text
+        assert spawned == (workers == 3)
+    cv = stored[1]["scores_cross_validated"]
+    assert set(cv) == {"ensemble", "upernet"} and cv["ensemble"]["images_per_cell_type"] == {t: 2 for t in CELL_TYPES}
+    assert stored[3]["scores_cross_validated"] == cv
+    assert stored[3]["params"] == stored[1]["params"] and stored[3]["scores"] == stored[1]["scores"]
+
+
+def test_cross_validated_scores_of_some_folds_only(tuned):
+    from neuroseg.ensemble.cross_validation import cross_validated_scores
+
+    oof, truth, _, _, _ = tuned
+    ids = sorted(truth)
+    fold_of = {i: k % 3 for k, i in enumerate(ids)}
+    models = {m: oof[m] for m in ("yolox", "upernet")}
+    cfg = config.from_dict({"ensemble": {"tune_trials": 4}})
+    every = cross_validated_scores(models, truth, fold_of, cfg)["per_image"]
+    part = cross_validated_scores(models, truth, fold_of, cfg, only_folds=[2])["per_image"]
+    assert set(part["ensemble"]) == {i for i in ids if fold_of[i] == 2}
+    assert part["ensemble"] == {i: every["ensemble"][i] for i in part["ensemble"]}
+    with pytest.raises(ValueError, match=r"folds \[5\] hold none of the images"):
+        cross_validated_scores(models, truth, fold_of, cfg, only_folds=[5])
 
 
 def test_mask_head_checkpoint_must_be_the_one_that_wrote_the_oof(tmp_path):

@@ -11,7 +11,7 @@ own images with those parameters (the ensemble and each single model, by the sam
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -33,14 +33,22 @@ def cross_validated_scores(oof_by_model: Mapping[str, Mapping[str, Mapping[str, 
                            truth: Mapping[str, Truth], fold_of: Mapping[str, int], cfg: Config,
                            mask_fns: Mapping[str, MaskFn] | None = None,
                            image_type_probs: Mapping[str, np.ndarray] | None = None,
-                           memo: TuningMemo | None = None) -> dict[str, Any]:
+                           memo: TuningMemo | None = None, only_folds: Sequence[int] | None = None
+                           ) -> dict[str, Any]:
     """``{"per_image": {method: {image_id: score}}, "folds": [...]}`` with ``method`` in
     ``ensemble`` and the single models present; every score from parameters tuned without the
     image's fold. Needs at least two folds. ``memo``: the in-sample tuning's rows and masks (the
-    same OOF), which the fold tunings reuse where their searches meet it."""
+    same OOF), which the fold tunings reuse where their searches meet it. ``only_folds``: score
+    these folds' images only (each fold is independent of the others: 05 spreads them over
+    processes)."""
     folds = sorted(set(fold_of[i] for i in truth if i in fold_of))
     if len(folds) < 2:
         raise ValueError(f"cross-validated tuning needs at least 2 folds, got {folds}")
+    if only_folds is not None:
+        unknown = sorted(set(only_folds) - set(folds))
+        if unknown:
+            raise ValueError(f"cross-validated tuning: folds {unknown} hold none of the images (folds {folds})")
+        folds = sorted(only_folds)
     models = [m for m in oof_by_model]
     singles = [m for m in fusion.SINGLE_MODELS if m in models]
     per_image: dict[str, dict[str, float]] = {"ensemble": {}, **{m: {} for m in singles}}

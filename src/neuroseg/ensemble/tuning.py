@@ -446,6 +446,12 @@ def summarise(per_image: Mapping[str, float], truth: Mapping[str, Truth]) -> dic
             "images_per_cell_type": {t: len(v) for t, v in by_type.items() if v}}
 
 
+def tunable_ids(oof_by_model: Mapping[str, Mapping[str, Any]], truth: Mapping[str, Truth]) -> list[str]:
+    """The images :func:`tune_ensemble` tunes on: those with the truth and every voting model's OOF."""
+    models = [m for m in ens.VOTE_MODELS if m in oof_by_model]
+    return sorted(set(truth).intersection(*[set(oof_by_model[m]) for m in models]))
+
+
 def tune_ensemble(oof_by_model: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], truth: Mapping[str, Truth],
                   cfg: Config, mask_fns: Mapping[str, MaskFn] | None = None,
                   image_type_probs: Mapping[str, np.ndarray] | None = None, memo: TuningMemo | None = None
@@ -466,7 +472,7 @@ def tune_ensemble(oof_by_model: Mapping[str, Mapping[str, Mapping[str, np.ndarra
     models = [m for m in ens.VOTE_MODELS if m in oof_by_model]
     if not models:
         raise ValueError("tune_ensemble: no model predictions given")
-    ids = sorted(set(truth).intersection(*[set(oof_by_model[m]) for m in models]))
+    ids = tunable_ids(oof_by_model, truth)
     if not ids:
         raise ValueError(f"tune_ensemble: no image has both truth and OOF predictions of {models}")
 

@@ -11,6 +11,8 @@ params.json is newer than every OOF manifest and the inputs it records are uncha
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -19,13 +21,14 @@ from neuroseg.config import Config
 from neuroseg.ensemble.celltype import fit_cell_type_classifier
 from neuroseg.ensemble.cross_validation import cross_validated_scores
 from neuroseg.ensemble.report import format_report, write_figures, write_scores_csv
-from neuroseg.ensemble.tuning import TuningMemo, summarise, truth_from_records, tune_ensemble
+from neuroseg.ensemble.tuning import Truth, TuningMemo, summarise, truth_from_records, tunable_ids, tune_ensemble
 from neuroseg.evaluation import oof_cache
 from neuroseg.evaluation.oof_cache import LazyOOF
 from neuroseg.paths import TRAIN_SCRIPTS, Paths
 from neuroseg.structures.predictions import MaskFn
 from neuroseg.utils.atomic_io import atomic_write_json, atomic_write_text, read_json
 from neuroseg.utils.hashing import file_sha256
+from neuroseg.utils.logging import setup_logging
 
 log = logging.getLogger("neuroseg")
 
@@ -114,6 +117,90 @@ class OOFMaskFns(Mapping):
         return len(self.fold_of)
 
 
+def _tuning_inputs(cfg: Config, paths: Paths, manifests: Mapping[str, Mapping[int, dict]]
+                   ) -> tuple[dict[str, LazyOOF], dict[str, Truth], OOFMaskFns | None]:
+    """The OOF predictions by model (read lazily), the truth of train.csv and the mask heads."""
+    from neuroseg.data.records import group_records, read_train_csv
+
+    oof_by_model = {m: LazyOOF(paths, m, manifests[m], cfg.ensemble.oof_keep_mb) for m in cfg.ensemble.models}
+    truth = truth_from_records(group_records(read_train_csv(paths.train_csv, paths.train_images)))
+    unknown = sorted(set().union(*map(set, oof_by_model.values())) - set(truth))
+    if unknown:
+        raise oof_cache.OOFError(f"{len(unknown)} OOF image(s) are not in {paths.train_csv}: {unknown[:5]}")
+    mask_fns = OOFMaskFns(cfg, paths, manifests["maskrcnn"]) if "maskrcnn" in oof_by_model else None
+    return oof_by_model, truth, mask_fns
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _cross_validate_in_child(cfg: Config, paths: Paths, manifests: Mapping[str, Mapping[int, dict]],
+                             folds: list[int], ids: list[str], type_probs: Mapping[str, Any] | None,
+                             threads: int) -> dict[str, dict[str, float]]:
+    """A child process of 05: the cross-validated scores of ``folds`` (``{method: {image: score}}``),
+    from its own OOF readers, mask heads and memo."""
+    import torch
+
+    setup_logging()
+    torch.set_num_threads(threads)
+    oof_by_model, truth, mask_fns = _tuning_inputs(cfg, paths, manifests)
+    used = {i: truth[i] for i in ids}
+    fold_of = next(iter(oof_by_model.values())).fold_of
+    return cross_validated_scores(oof_by_model, used, fold_of, cfg, mask_fns, type_probs,
+                                  TuningMemo.for_config(cfg), only_folds=folds)["per_image"]
+
+
+class _FoldProcesses:
+    """The cross-validated fold tunings that run in child processes while the main process tunes
+    in-sample (``ensemble.workers``): ``folds`` are theirs, ``results()`` waits for their scores.
+    The tuning is mostly single-threaded Python (paint + IoU per image and setting: 05 used 1.2 of
+    2 cores), so a second process nearly halves its wall time; torch's threads are shared out
+    among the processes meanwhile. Spawned, not forked: a fork after torch's thread pool started
+    can hang the child."""
+
+    def __init__(self, cfg: Config, paths: Paths, manifests: Mapping[str, Mapping[int, dict]],
+                 cv_folds: list[int], ids: list[str], type_probs: Mapping[str, Any] | None) -> None:
+        cores = cpu_cores()
+        workers = min(cfg.ensemble.workers or cores, 1 + len(cv_folds))
+        groups = [cv_folds[k::workers - 1] for k in range(workers - 1)]
+        self.folds = sorted(f for g in groups for f in g)
+        self.threads = max(1, cores // workers)
+        self._pool: Any = None
+        self._pending: list[Any] = []
+        self._saved_threads = 0
+        if groups:
+            self._pool = multiprocessing.get_context("spawn").Pool(len(groups))
+            self._pending = [self._pool.apply_async(_cross_validate_in_child, (cfg, paths, manifests, g, ids,
+                                                                                type_probs, self.threads))
+                             for g in groups]
+            log.info("cross-validated tuning of folds %s in %d more process(es), %d thread(s) each",
+                     self.folds, len(groups), self.threads)
+
+    def __enter__(self) -> "_FoldProcesses":
+        if self._pool is not None:
+            import torch
+
+            self._saved_threads = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+        return self
+
+    def results(self) -> Iterator[dict[str, dict[str, float]]]:
+        for r in self._pending:
+            yield r.get()
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if self._pool is not None:
+            import torch
+
+            torch.set_num_threads(self._saved_threads)
+            if exc_type is None:
+                self._pool.close()
+            else:  # the main process failed (or was interrupted): the children's work is moot
+                self._pool.terminate()
+            self._pool.join()
+
+
 def _inputs(cfg: Config, paths: Paths, manifests: Mapping[str, Mapping[int, dict]]) -> dict[str, Any]:
     """What params.json depends on besides file times: the settings and every OOF cache's identity."""
     return {"config_hash": cfg.section_hash("ensemble", "data"),
@@ -136,8 +223,6 @@ def is_fresh(paths: Paths, inputs: dict[str, Any], manifests: Mapping[str, Mappi
 
 def run_ensemble(cfg: Config, paths: Paths, force: bool = False) -> Path:
     """Tune on the OOF cache, write params.json, report.md and figures; returns params.json."""
-    from neuroseg.data.records import group_records, read_train_csv
-
     manifests = read_manifests(cfg, paths)
     inputs = _inputs(cfg, paths, manifests)
     if not force and is_fresh(paths, inputs, manifests):
@@ -145,12 +230,7 @@ def run_ensemble(cfg: Config, paths: Paths, force: bool = False) -> Path:
                  paths.ensemble_params)
         return paths.ensemble_params
     started = time.time()
-    oof_by_model = {m: LazyOOF(paths, m, manifests[m], cfg.ensemble.oof_keep_mb) for m in cfg.ensemble.models}
-    truth = truth_from_records(group_records(read_train_csv(paths.train_csv, paths.train_images)))
-    unknown = sorted(set().union(*map(set, oof_by_model.values())) - set(truth))
-    if unknown:
-        raise oof_cache.OOFError(f"{len(unknown)} OOF image(s) are not in {paths.train_csv}: {unknown[:5]}")
-    mask_fns = OOFMaskFns(cfg, paths, manifests["maskrcnn"]) if "maskrcnn" in oof_by_model else None
+    oof_by_model, truth, mask_fns = _tuning_inputs(cfg, paths, manifests)
     log.info("tuning the ensemble of %s on %d OOF images (%d trials per cell type)",
              list(cfg.ensemble.models), len(set.intersection(*map(set, oof_by_model.values()))),
              cfg.ensemble.tune_trials)
@@ -159,12 +239,20 @@ def run_ensemble(cfg: Config, paths: Paths, force: bool = False) -> Path:
         paths, {i: t.cell_type for i, t in truth.items()}, fold_of) if cfg.ensemble.cell_type_classifier
                               else (None, None))
     memo = TuningMemo.for_config(cfg)  # score rows and masks, shared with the cross-validated tunings
-    params, report = tune_ensemble(oof_by_model, truth, cfg, mask_fns, type_probs, memo)
-    params.cell_type_classifier = classifier
-    if cfg.ensemble.cross_validate and len(set(fold_of.values())) > 1:
-        used = {i: truth[i] for i in report["image_ids"]}
-        cv = cross_validated_scores(oof_by_model, used, fold_of, cfg, mask_fns, type_probs, memo)
-        report["cross_validated"] = {m: summarise(s, used) for m, s in cv["per_image"].items()}
+    folds = sorted(set(fold_of.values()))
+    cv_folds = folds if cfg.ensemble.cross_validate and len(folds) > 1 else []
+    used = {i: truth[i] for i in tunable_ids(oof_by_model, truth)}
+    with _FoldProcesses(cfg, paths, manifests, cv_folds, sorted(used), type_probs) as elsewhere:
+        params, report = tune_ensemble(oof_by_model, truth, cfg, mask_fns, type_probs, memo)
+        params.cell_type_classifier = classifier
+        if cv_folds:
+            here = [f for f in cv_folds if f not in elsewhere.folds]
+            per_image = (cross_validated_scores(oof_by_model, used, fold_of, cfg, mask_fns, type_probs, memo,
+                                                only_folds=here)["per_image"] if here else {})
+            for part in elsewhere.results():
+                for method, scores in part.items():
+                    per_image.setdefault(method, {}).update(scores)
+            report["cross_validated"] = {m: summarise(s, used) for m, s in per_image.items()}
     masks = memo.masks
     log.info("mask head: %d of %d boxes asked computed (%.0f%% reused), %d MB of masks kept",
              masks.computed, masks.asked, 100 * (1 - masks.computed / max(1, masks.asked)), masks.nbytes // 2**20)
