@@ -8,11 +8,10 @@
    inner edges) are matched to the mosaic's cells: the share with IoU >= 0.95. Duplicates: pairs
    of mosaic cells that touch and whose union is no bigger than 1.5 x the larger one (two copies
    of one cell, cut differently). Also the share of one untiled pass's cells over the mosaic that
-   the tiled one reproduces. Run twice: with the images whole, and cut to 512 rows
-   (``seams_on_grid``): 520 is no multiple of the models' 64-px feature grid, so in the first the
-   lower images sit 8 px off it in the mosaic and see a shifted grid -- a change no tiling can undo.
+   the tiled one reproduces (520 rows are no multiple of the models' 64-px feature grid, so that
+   pass sees the lower images 8 px off the grid they have alone; the tiles see them on it).
 2. **Memory**: peak RSS (``VmHWM``, reset after loading) of a fresh process that loads the models
-   and segments (a) one tile-sized image (640 x 640: one tile batch) and (b) a 4096 x 4096 mosaic
+   and segments (a) one tile-sized image (520 x 704: one tile batch) and (b) a 4096 x 4096 mosaic
    of real images (tiled), each beside the resident memory after loading the models (and reading
    the images); the ratios (b) / (a) of the peaks, and of the peaks above that baseline, are the
    claim (within 2x).
@@ -95,13 +94,13 @@ def duplicates(label: np.ndarray) -> int:
     return n
 
 
-def seams(args, folds, params, tmp: Path, rows: int | None = None) -> dict:
-    """The mosaic of four real images (their first ``rows`` rows; all by default) tiled, against
-    each image segmented whole, and against one untiled pass over the mosaic."""
+def seams(args, folds, params, tmp: Path) -> dict:
+    """The mosaic of four real images tiled, against each image segmented whole, and against one
+    untiled pass over the mosaic."""
     from PIL import Image
 
     files = real_images(args.data_dir, args.cell_type, 4)
-    quarters = [read_image(f)[:rows] for f in files]
+    quarters = [read_image(f) for f in files]
     for f, q in zip(files, quarters):
         Image.fromarray(q).save(tmp / f"{f.stem}.png")
     files = [tmp / f"{f.stem}.png" for f in files]
@@ -158,17 +157,17 @@ def memory_child(args) -> int:
     files = real_images(args.data_dir, args.cell_type, 64)
     tiles = [read_image(f) for f in files]
     rss_models = status_mb("VmRSS")
-    side = args.child_size
-    reps = int(np.ceil(side / tiles[0].shape[0])), int(np.ceil(side / tiles[0].shape[1]))
+    h, w = (int(v) for v in args.child_size.split(","))
+    reps = int(np.ceil(h / tiles[0].shape[0])), int(np.ceil(w / tiles[0].shape[1]))
     rows = [np.hstack([tiles[(i * reps[1] + j) % len(tiles)] for j in range(reps[1])]) for i in range(reps[0])]
-    image = np.vstack(rows)[:side, :side]
-    path = Path(args.tmp) / f"m{side}.png"
+    image = np.vstack(rows)[:h, :w]
+    path = Path(args.tmp) / f"m{h}x{w}.png"
     Image.fromarray(image).save(path)
     loading_peak = status_mb("VmHWM")
     reset_peak_rss()
     t0 = time.perf_counter()
     (_, _, result), = segment([path], folds, params, args.only, progress=False, reader=read_image, tiling=Tiling())
-    print(json.dumps({"side": side, "peak_rss_mb": status_mb("VmHWM"), "loading_peak_rss_mb": loading_peak,
+    print(json.dumps({"shape": [h, w], "peak_rss_mb": status_mb("VmHWM"), "loading_peak_rss_mb": loading_peak,
                       "rss_after_models_mb": rss_models, "cells": int(result.label.max()),
                       "seconds": round(time.perf_counter() - t0, 1)}))
     return 0
@@ -176,13 +175,14 @@ def memory_child(args) -> int:
 
 def memory(args, tmp: Path) -> dict:
     out = {}
-    for side in (Tiling().size, 4096):
-        cmd = [sys.executable, __file__, "--child-size", str(side), "--tmp", str(tmp), "--config", args.config,
+    one_tile = (Tiling().height, Tiling().width)
+    for h, w in (one_tile, (4096, 4096)):
+        cmd = [sys.executable, __file__, "--child-size", f"{h},{w}", "--tmp", str(tmp), "--config", args.config,
                "--output-dir", str(args.output_dir), "--data-dir", str(args.data_dir),
                *(["--only", args.only] if args.only else []), *[a for o in args.overrides for a in ("--set", o)]]
         line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        out[str(side)] = json.loads(line)
-    one, big = out[str(Tiling().size)], out["4096"]
+        out[f"{h}x{w}"] = json.loads(line)
+    one, big = out["{}x{}".format(*one_tile)], out["4096x4096"]
     out["ratio_peak_rss"] = big["peak_rss_mb"] / one["peak_rss_mb"]
     out["ratio_above_models"] = ((big["peak_rss_mb"] - big["rss_after_models_mb"])
                                  / max(one["peak_rss_mb"] - one["rss_after_models_mb"], 1e-9))
@@ -225,7 +225,7 @@ def main() -> int:
     p.add_argument("--images", type=int, default=6, help="images for the 16-bit comparison")
     p.add_argument("--parts", default="seams,memory,16bit")
     p.add_argument("--json", type=Path, default=ROOT / "output" / "bench_tiling.json")
-    p.add_argument("--child-size", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--child-size", default="", help=argparse.SUPPRESS)
     p.add_argument("--tmp", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child_size:
@@ -239,9 +239,8 @@ def main() -> int:
         if parts & {"seams", "16bit"}:
             cfg, params, folds = load(args)
         if "seams" in parts:
-            for name, rows in (("seams", None), ("seams_on_grid", 512)):
-                result[name] = seams(args, folds, params, tmp, rows)
-                print(f"{name}:", json.dumps(result[name]), flush=True)
+            result["seams"] = seams(args, folds, params, tmp)
+            print("seams:", json.dumps(result["seams"]), flush=True)
         if "16bit" in parts:
             result["16bit"] = sixteen_bit(args, folds, params, tmp)
             print("16bit:", json.dumps(result["16bit"]), flush=True)

@@ -159,8 +159,8 @@ class EnsembleConfig:
     cross_validate: bool = True
     # processes of 05: the in-sample tuning in the main one, the cross-validated fold tunings in
     # the others (0: one per CPU core, at most 1 + the folds; 1: all in one process, one after the
-    # other). The tuning is mostly single-threaded Python, so on 2 cores 2 processes take about
-    # 0.6x the wall time of 1 (BENCHMARKS.md); each process keeps its own caches (the *_mb budgets)
+    # other). The tuning is mostly single-threaded Python (bench/bench_tune_workers.py). The *_mb
+    # budgets above are 05's in all, shared out among its processes
     workers: int = 0
 
 

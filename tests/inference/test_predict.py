@@ -574,7 +574,8 @@ def test_predict_cli_input_and_tiling_flags(trained, tmp_path, capsys):
     assert "z.tif" in capsys.readouterr().err
     for bad, message in ((["--normalize", "1"], "expected LOW HIGH percentiles"),
                          (["--normalize", "99", "1"], "0 <= LOW < HIGH <= 100"),
-                         (["--tile-overlap", "999"], "tile overlap must be within 0..320")):
+                         (["--tile-margin", "999"], "tile margin must be within 0..130"),
+                         (["--tile-size", "40", "704"], "tiles must be >= 64 px on a side")):
         with pytest.raises(SystemExit):
             main([*argv, *bad])
         assert message in capsys.readouterr().err

@@ -10,34 +10,44 @@ from skimage.measure import label as connected
 
 from neuroseg.ensemble.fusion import EnsembleParams, FusedResult
 from neuroseg.inference.fold_models import FoldEnsemble
-from neuroseg.inference.tiling import Tiling, _paint_tile, axis_cores, axis_starts, segment_tiled, tile_grid
+from neuroseg.inference.tiling import Tiling, _paint_tile, axis_tiles, segment_tiled, tile_grid
 from neuroseg.structures.label_image import label_to_indices
 
 
 def test_grid_by_hand():
-    assert axis_starts(520, 640, 128) == [0]
-    assert axis_starts(1040, 640, 128) == [0, 400]  # 2 tiles, 240 px overlap
-    assert axis_starts(1408, 640, 128) == [0, 384, 768]  # 3 tiles, 256 px overlaps
-    assert axis_cores(1408, 640, [0, 384, 768]) == [(0, 512), (512, 896), (896, 1408)]
-    grid = tile_grid((1040, 1408), 640, 128)
-    assert len(grid) == 6 and grid[4] == ((400, 384, 1040, 1024), (520, 512, 1040, 896))
+    # primary tiles of the size, the last one taking the remainder; then a tile centred on each seam
+    assert axis_tiles(500, 520, 64) == [(0, 500, 0, 500)]
+    assert axis_tiles(1040, 520, 64) == [(0, 520, 0, 456), (520, 1040, 584, 1040), (260, 780, 456, 584)]
+    assert axis_tiles(1408, 704, 64) == [(0, 704, 0, 640), (704, 1408, 768, 1408), (352, 1056, 640, 768)]
+    assert axis_tiles(1300, 520, 50)[:2] == [(0, 520, 0, 470), (520, 1300, 570, 1300)]  # 2.5 tiles: 2, the last 780
+    assert axis_tiles(1040, 520, 0) == [(0, 520, 0, 520), (520, 1040, 520, 1040)]  # no margin: no seam tiles
+    grid = tile_grid((1040, 1408), (520, 704), 64)
+    assert len(grid) == 9 and [t.primary for t in grid] == [False] * 5 + [True] * 4
+    # the four primary tiles are the four quarters of a 2 x 2 mosaic of 520 x 704 images
+    assert [t.window for t in grid[5:]] == [(0, 0, 520, 704), (0, 704, 520, 1408), (520, 0, 1040, 704),
+                                            (520, 704, 1040, 1408)]
+    assert grid[0] == ((0, 352, 520, 1056), (0, 640, 456, 768), False)  # on the upper vertical seam
+    assert grid[4] == ((260, 352, 780, 1056), (456, 640, 584, 768), False)  # centred on the crossing
 
 
-@pytest.mark.parametrize("shape, size, overlap, align", [
-    ((1040, 1408), 640, 128, 1), ((4096, 4096), 640, 128, 1), ((700, 300), 256, 100, 1), ((257, 2000), 256, 0, 1),
-    ((1040, 1408), 640, 128, 64), ((4100, 3000), 640, 128, 64), ((700, 300), 256, 100, 32)])
-def test_cores_partition_the_image_with_context_on_every_inner_side(shape, size, overlap, align):
+@pytest.mark.parametrize("shape, tile_hw, margin", [
+    ((1040, 1408), (520, 704), 64), ((4096, 4096), (520, 704), 64), ((700, 300), (256, 256), 40),
+    ((257, 2000), (256, 256), 0), ((4100, 3000), (640, 640), 128), ((1300, 900), (520, 704), 100)])
+def test_cores_partition_the_image_with_margin_on_every_inner_side(shape, tile_hw, margin):
     cover = np.zeros(shape, np.int32)
-    for (y0, x0, y1, x1), (cy0, cx0, cy1, cx1) in tile_grid(shape, size, overlap, align):
-        assert y0 % align == 0 and x0 % align == 0
-        for extent, side in ((y1 - y0, shape[0]), (x1 - x0, shape[1])):  # the last tiles: cut at the edge
-            assert extent == min(size, side) or (side > size and size - align < extent < size)
+    for (y0, x0, y1, x1), (cy0, cx0, cy1, cx1), primary in tile_grid(shape, tile_hw, margin):
+        for start, end, side, size in ((y0, y1, shape[0], tile_hw[0]), (x0, x1, shape[1], tile_hw[1])):
+            # every tile is the size asked, but where the image is smaller and in the last row or column
+            # of primary tiles, which takes the remainder
+            assert end - start == min(size, side) or (end == side and start % size == 0
+                                                      and size / 2 <= end - start <= 1.5 * size)
+            assert not primary or start % size == 0
         cover[cy0:cy1, cx0:cx1] += 1
-        # a core keeps overlap / 2 px from each tile edge that is not the image's edge
+        # a core keeps margin px from each tile edge that is not the image's edge
         for c, w, edge in ((cy0, y0, 0), (cx0, x0, 0)):
-            assert c == edge or c - w >= overlap // 2
+            assert c == edge or c - w >= margin
         for c, w, edge in ((cy1, y1, shape[0]), (cx1, x1, shape[1])):
-            assert c == edge or w - c >= overlap // 2
+            assert c == edge or w - c >= margin
     assert (cover == 1).all()
 
 
@@ -70,26 +80,15 @@ def cell_sets(label: np.ndarray) -> set[tuple[int, ...]]:
     return {tuple(p) for p in label_to_indices(label)}
 
 
-@pytest.mark.parametrize("align", [1, 64])  # 64: the last row and column of tiles are shorter
-def test_stitched_cells_equal_the_whole_image_cells(align):
+def test_stitched_cells_equal_the_whole_image_cells():
     image = disks((700, 900), 260, 9)
     whole = components([image])[0].label
-    tiled = segment_tiled(image, components, Tiling(above=256, size=256, overlap=48, align=align), batch_size=4)
+    tiled = segment_tiled(image, components, Tiling(above=256, height=200, width=256, margin=24), batch_size=4)
     assert whole.max() > 150 and cell_sets(tiled.label) == cell_sets(whole)  # no cell cut, lost or doubled
     assert len(tiled.scores) == tiled.label.max() and tiled.cell_type == "cort"
     assert tiled.cell_type_prob == pytest.approx(0.9)
-
-
-def test_aligned_starts_by_hand_and_their_properties():
-    assert axis_starts(1040, 640, 128, 64) == [0, 448]  # the last tile is cut to 592 px at the edge
-    assert axis_starts(1408, 640, 128, 64) == [0, 384, 768]
-    for length, size, overlap, align in ((4096, 640, 128, 64), (1040, 640, 128, 128), (3001, 512, 100, 96)):
-        starts = axis_starts(length, size, overlap, align)
-        assert starts[0] == 0 and all(s % align == 0 for s in starts)
-        assert length <= starts[-1] + size < length + align
-        assert max(np.diff(starts)) <= size - overlap  # never less overlap than asked
-    with pytest.raises(ValueError, match="align"):
-        Tiling(size=256, overlap=128, align=192)
+    with pytest.raises(ValueError, match="margin"):
+        Tiling(height=256, width=128, margin=33)
 
 
 def on_the_grid(tiles: list[np.ndarray]) -> list[FusedResult]:
@@ -104,15 +103,28 @@ def on_the_grid(tiles: list[np.ndarray]) -> list[FusedResult]:
     return out
 
 
-def test_tiles_on_the_models_grid_give_what_one_pass_gives():
-    """Tile starts on multiples of the stride reproduce a grid-dependent segmenter's whole-image
-    cells; starts off the grid (align 1: 0, 222, 444 on a 700-px side) do not."""
-    image = disks((700, 900), 260, 9)
-    whole = cell_sets(on_the_grid([image])[0].label)
-    aligned = segment_tiled(image, on_the_grid, Tiling(above=256, size=256, overlap=48, align=64))
-    assert cell_sets(aligned.label) == whole
-    off = segment_tiled(image, on_the_grid, Tiling(above=256, size=256, overlap=48, align=1))
-    assert len(cell_sets(off.label) - whole) > 20
+def test_a_mosaic_of_grid_dependent_images_keeps_each_images_cells_with_tiles_of_their_size():
+    """Four 150 x 200 images (150 rows: off a 64-px grid) in a 2 x 2 mosaic, segmented by a
+    grid-dependent segmenter: tiles of the images' size give each image's cells away from the
+    seams exactly as segmenting it alone does; 128-px tiles (on the mosaic's 64-px grid, not the
+    lower images') do not."""
+    quarters = [disks((150, 200), 40, 7, seed=k) for k in range(4)]
+    mosaic = np.vstack([np.hstack(quarters[:2]), np.hstack(quarters[2:])])
+
+    def away_from_seams(tiling: Tiling) -> tuple[int, int]:
+        big = segment_tiled(mosaic, on_the_grid, tiling, batch_size=3).label
+        same = total = 0
+        for k, quarter in enumerate(quarters):
+            y0, x0 = 150 * (k // 2), 200 * (k % 2)
+            inner = [p for p in label_to_indices(on_the_grid([quarter])[0].label) if _far_from_seams(p, k, 200, 150, 24)]
+            part = cell_sets(big[y0:y0 + 150, x0:x0 + 200])
+            same, total = same + sum(tuple(p) in part for p in inner), total + len(inner)
+        return same, total
+
+    same, total = away_from_seams(Tiling(above=256, height=150, width=200, margin=24))
+    assert total > 50 and same == total
+    same, total = away_from_seams(Tiling(above=256, height=128, width=128, margin=24))
+    assert same < 0.9 * total
 
 
 def test_a_cell_two_tiles_both_claim_is_kept_once():
@@ -160,13 +172,13 @@ def halo_cells(tiles: list[np.ndarray]) -> list[FusedResult]:
 
 
 def test_a_mosaic_of_four_real_images_tiled_keeps_each_images_cells(real_data):
-    """1408 x 1040 mosaic of four real cort images, tiled at 640 / 128: each quarter's cells away
+    """1408 x 1040 mosaic of four real cort images, tiled (520 x 704, margin 64): each quarter's cells away
     from the seams equal that image's cells segmented whole (IoU >= 0.95 for >= 95% of them),
     and no stitched cell is a copy of another."""
     from neuroseg.evaluation.metric import iou_matrix
 
     mosaic, quarters = mosaic_and_quarters(real_data)
-    tiled = segment_tiled(mosaic, halo_cells, Tiling(above=1024, size=640, overlap=128), batch_size=2)
+    tiled = segment_tiled(mosaic, halo_cells, Tiling(above=1024), batch_size=2)
     big = tiled.label
     matched = total = 0
     for k, quarter in enumerate(quarters):
@@ -191,7 +203,7 @@ def test_predict_tiles_large_images_and_not_small_ones(tmp_path):
     Image.fromarray(image).save(src / "big.png")
     folds = FoldEnsemble({"upernet": [StubSegmenter()]})
     labels = {}
-    for name, tiling in (("whole", None), ("tiled", Tiling(above=200, size=128, overlap=48))):
+    for name, tiling in (("whole", None), ("tiled", Tiling(above=200, height=128, width=128, margin=24))):
         predict_folder([src / "big.png"], folds, EnsembleParams.defaults(), tmp_path / name, only="upernet",
                        tiling=tiling)
         labels[name] = np.array(Image.open(tmp_path / name / "labels" / "big.png")).astype(np.int64)
@@ -206,7 +218,8 @@ def _far_from_seams(pix: np.ndarray, k: int, w: int, h: int, margin: int) -> boo
 
 
 @pytest.mark.parametrize("bad, match", [({"above": -1}, "tile threshold must be >= 0"),
-                                        ({"size": 32}, "tile size must be >= 64 px"),
+                                        ({"height": 32}, "tiles must be >= 64 px on a side"),
+                                        ({"margin": -1}, "tile margin must be within 0..130"),
                                         ({"max_overlap": 0.0}, r"max_overlap must be in \(0, 1\]")])
 def test_tiling_refuses_nonsense(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -10,7 +10,6 @@ tuned by step 05, or with ``only="maskrcnn" | "upernet"`` that model alone
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from collections import Counter
@@ -25,7 +24,7 @@ from neuroseg.ensemble import fusion
 from neuroseg.inference.fold_models import FoldEnsemble, image_files, iter_predictions
 from neuroseg.inference.image_input import InputOptions, read_image
 from neuroseg.inference.measurements import MEASUREMENT_COLUMNS, SUMMARY_COLUMNS, cell_measurements, image_summary
-from neuroseg.inference.tiling import Tiling, segment_tiled, stride_px
+from neuroseg.inference.tiling import Tiling, segment_tiled
 from neuroseg.paths import Paths
 from neuroseg.utils.atomic_io import atomic_path, atomic_write_csv, atomic_write_json, read_json
 
@@ -72,8 +71,6 @@ def segment(images: Sequence[Path], folds: FoldEnsemble, params: fusion.Ensemble
     whole = None
     if tiling is not None:
         whole = lambda im: not tiling.applies(im.shape)  # noqa: E731
-        # tile starts on the models' feature grid, whatever their scale
-        tiling = dataclasses.replace(tiling, align=min(stride_px(folds.scale), tiling.size - tiling.overlap))
     stream = iter_predictions(folds, images, batch_size, masks, failures, reader, whole)
 
     def fuse_one(pred, image, heads) -> fusion.FusedResult:
@@ -203,15 +200,17 @@ def cli_predict(argv: list[str] | None = None) -> int:
     g.add_argument("--channel", type=int, default=None, help="the channel (0-based) of multi-channel images")
     g.add_argument("--tile-above", type=int, default=Tiling.above, metavar="PX",
                    help=f"segment images with a side above PX as overlapping tiles (0 = never; default {Tiling.above})")
-    g.add_argument("--tile-size", type=int, default=Tiling.size, metavar="PX", help=f"tile side (default {Tiling.size})")
-    g.add_argument("--tile-overlap", type=int, default=Tiling.overlap, metavar="PX",
-                   help=f"least overlap of neighbouring tiles, > the largest cell (default {Tiling.overlap})")
+    g.add_argument("--tile-size", type=int, nargs=2, default=[Tiling.height, Tiling.width], metavar=("H", "W"),
+                   help=f"tile height and width, px (default {Tiling.height} {Tiling.width}: the training images')")
+    g.add_argument("--tile-margin", type=int, default=Tiling.margin, metavar="PX",
+                   help="cells within PX of a seam between tiles come from a tile centred on the seam; "
+                        f"cells up to PX from their centre to their far end are never cut (default {Tiling.margin})")
     args = p.parse_args(argv)
     if args.pixel_size is not None and not args.pixel_size > 0:
         p.error(f"--pixel-size must be > 0 µm, got {args.pixel_size}")
     try:
         options = InputOptions(args.page, args.channel, _normalize_arg(args.normalize))
-        tiling = Tiling(args.tile_above, args.tile_size, args.tile_overlap)
+        tiling = Tiling(args.tile_above, *args.tile_size, args.tile_margin)
     except ValueError as e:
         p.error(str(e))
     setup_logging()

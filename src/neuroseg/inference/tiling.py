@@ -1,36 +1,36 @@
-"""Images of any size: overlapping tiles, segmented a batch at a time, stitched into one label image.
+"""Images of any size: tiles of the training images' size, segmented a batch at a time, stitched.
 
 The models were trained on 704 x 520 images, and an ensemble pass holds every fold model's
 features of its whole input, so a 4096 x 4096 mosaic cannot go through in one piece. Above
-``Tiling.above`` px on a side, an image is cut into ``size`` x ``size`` tiles that overlap by at
-least ``overlap`` px (the tiles of an axis are spread evenly, the last one at the edge), each
-tile is segmented like a whole image, and the cells are stitched. Tile starts are multiples of
-``align`` px, the models' coarsest feature stride (:func:`stride_px`: 64 px at
-``data.train_scale`` 1): a cell then falls on the same position of every feature grid in the tile
-as in one pass over the whole image, and comes out the same (``bench/bench_tiling.py``: with tile
-starts off that grid, a third of the cells away from the seams changed by more than IoU 0.95).
-The last tile of an axis is then up to ``align - 1`` px shorter than ``size`` (it ends at the
-image's edge, which the models pad as they pad the whole image); tiles go through in batches of
-one shape.
+``Tiling.above`` px on a side, an image is cut into a grid of **primary tiles** of
+``height`` x ``width`` px (default the training images' 520 x 704; the last row and column take
+the remainder, between half and one and a half tiles), and each seam between two primary tiles
+gets a **seam tile** of the same size centred on it (where two seams cross, one centred on the
+crossing). Each tile is segmented like a whole image, and the cells are stitched:
 
-* the tiles' **cores** partition the image: the boundary between two neighbouring tiles runs
-  through the middle of their overlap. A cell belongs to the tile whose core holds its centroid,
-  so a cell on a seam is kept once, from the tile that sees it with at least ``overlap / 2`` px of
-  context on that side. A cell up to ``overlap / 2`` px from its centroid to its far end is whole in
-  that tile; the default 128 px covers shsy5y and cort cells, not the longest astro processes.
+* the tiles' **cores** partition the image: a primary tile's core is the tile less ``margin`` px
+  along each seam; a seam tile's core is the ``2 x margin`` px strip along its seam. A cell
+  belongs to the tile whose core holds its centroid, so a cell on a seam comes from the tile
+  centred on that seam, which sees half a tile of context on either side; a cell up to ``margin``
+  px from its centroid to its far end is never cut (the default 64 px covers shsy5y and cort
+  cells, not the longest astro processes).
+* away from the seams, a cell comes from a primary tile: an image of exactly the size the models
+  were trained on, starting on a multiple of that size. A mosaic of training-size images thus
+  gives each image's cells as segmenting that image alone does -- whatever their position on the
+  models' 64-px feature grid, which a CNN's output depends on (``bench/bench_tiling.py``).
 * a kept cell is painted on the pixels no earlier cell holds; if earlier cells already hold more
   than ``max_overlap`` of it -- the same cell seen by two tiles whose centroids fell on either
   side of a core boundary -- it is dropped, so a seam never duplicates a cell.
 
-Memory holds the image, the label image and one batch of tiles with their predictions, whatever
-the image size (``bench/bench_tiling.py`` measures it).
+Each pixel is segmented in about (1 + 1)^2 = 4 tiles' worth of compute on a large image (every
+seam its own tile). Memory holds the image, the label image and one batch of tiles with their
+predictions, whatever the image size (``bench/bench_tiling.py`` measures it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fractions import Fraction
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -39,75 +39,71 @@ from neuroseg.ensemble.fusion import FusedResult
 from neuroseg.structures.label_image import label_to_indices
 
 Window = tuple[int, int, int, int]  # y0, x0, y1, x1 (end exclusive)
-# the coarsest feature grid of the models: Mask R-CNN's FPN pools P5 (stride 32) once more into P6
-MODEL_STRIDE = 64
-
-
-def stride_px(scale: float) -> int:
-    """The fewest image px that are a whole number of ``MODEL_STRIDE`` steps once the image is
-    resized by ``scale`` (``data.train_scale``): 64 at 1.0, 128 at 0.5 and at 0.75."""
-    return Fraction(MODEL_STRIDE / scale).limit_denominator(64).numerator
+TRAIN_HW = (520, 704)  # the Sartorius training images
 
 
 @dataclass(frozen=True)
 class Tiling:
-    """``above``: tile an image whose height or width exceeds it (0 = never tile); ``size`` and
-    ``overlap``: the tiles' side and their least overlap, px; ``max_overlap``: the share of a
-    cell that earlier cells may hold before it counts as their duplicate."""
+    """``above``: tile an image whose height or width exceeds it (0 = never tile); ``height`` x
+    ``width``: the tiles, px; ``margin``: half the width of the strip along a seam whose cells come
+    from the seam's own tile; ``max_overlap``: the share of a cell that earlier cells may hold
+    before it counts as their duplicate."""
 
     above: int = 1024
-    size: int = 640
-    overlap: int = 128
+    height: int = TRAIN_HW[0]
+    width: int = TRAIN_HW[1]
+    margin: int = 64
     max_overlap: float = 0.5
-    align: int = MODEL_STRIDE  # predict sets it from the models' scale (stride_px)
 
     def __post_init__(self) -> None:
         if self.above < 0:
             raise ValueError(f"tile threshold must be >= 0 (0 = never tile), got {self.above}")
-        if self.size < 64:
-            raise ValueError(f"tile size must be >= 64 px, got {self.size}")
-        if not 0 <= self.overlap <= self.size // 2:
-            raise ValueError(f"tile overlap must be within 0..{self.size // 2} (half the tile), got {self.overlap}")
+        if min(self.height, self.width) < 64:
+            raise ValueError(f"tiles must be >= 64 px on a side, got {self.height} x {self.width}")
+        if not 0 <= self.margin <= min(self.height, self.width) // 4:
+            raise ValueError(f"tile margin must be within 0..{min(self.height, self.width) // 4} (a quarter "
+                             f"of the tile's shorter side), got {self.margin}")
         if not 0.0 < self.max_overlap <= 1.0:
             raise ValueError(f"max_overlap must be in (0, 1], got {self.max_overlap}")
-        if not 1 <= self.align <= self.size - self.overlap:
-            raise ValueError(f"tile align must be within 1..{self.size - self.overlap} (size - overlap), got {self.align}")
 
     def applies(self, shape: tuple[int, ...]) -> bool:
         return self.above > 0 and max(shape[:2]) > self.above
 
 
-def axis_starts(length: int, size: int, overlap: int, align: int = 1) -> list[int]:
-    """Tile starts along one axis: the fewest tiles of ``size`` overlapping by >= ``overlap``,
-    evenly spread on multiples of ``align``, the first at 0 and the last reaching ``length``
-    (a window that would reach up to ``align - 1`` px past it is cut at the edge)."""
-    if length <= size:
-        return [0]
-    last = -(-(length - size) // align) * align
-    n = int(np.ceil((length - overlap) / (size - overlap)))
-    while True:  # rounding to the alignment can widen a gap: one more tile until none is too wide
-        starts = [int(round(i * last / (n - 1) / align)) * align for i in range(n)]
-        if max(np.diff(starts)) <= size - overlap:
-            return starts
-        n += 1
+def axis_tiles(length: int, size: int, margin: int) -> list[tuple[int, int, int, int]]:
+    """``(start, end, core_start, core_end)`` of the tiles along one axis: the primary tiles
+    ``[k size, (k + 1) size)`` (the last one to ``length``: ``round(length / size)`` of them), then
+    one seam tile of ``size`` centred on each seam between them (shifted inside ``[0, length)``).
+    The cores partition ``[0, length)``: a seam's core is ``[seam - margin, seam + margin)``."""
+    n = max(1, int(round(length / size)))
+    seams = [k * size for k in range(1, n)]
+    cuts = [0, *seams, length]
+    primaries = [(cuts[k], cuts[k + 1], cuts[k] + (margin if k else 0), cuts[k + 1] - (margin if k < n - 1 else 0))
+                 for k in range(n)]
+    if margin == 0:  # no seam strips: the primary tiles' cores are the tiles
+        return primaries
+    seam_tiles = []
+    for b in seams:
+        start = min(max(b - size // 2, 0), max(length - size, 0))
+        seam_tiles.append((start, min(start + size, length), b - margin, b + margin))
+    return primaries + seam_tiles
 
 
-def axis_cores(length: int, size: int, starts: Sequence[int]) -> list[tuple[int, int]]:
-    """Each tile's core ``[c0, c1)`` along the axis: they partition ``[0, length)``, boundaries in
-    the middle of the overlaps."""
-    ends = [min(s + size, length) for s in starts]
-    cuts = [0] + [(starts[i + 1] + ends[i]) // 2 for i in range(len(starts) - 1)] + [length]
-    return [(cuts[i], cuts[i + 1]) for i in range(len(starts))]
+class Tile(NamedTuple):
+    window: Window
+    core: Window
+    primary: bool  # False: a seam tile
 
 
-def tile_grid(shape: tuple[int, int], size: int, overlap: int, align: int = 1) -> list[tuple[Window, Window]]:
-    """``(window, core)`` of every tile, row-major; the cores partition the image. Windows end at
-    the image's edge: with ``align`` > 1 the last row and column may be shorter than ``size``."""
-    h, w = shape
-    ys, xs = axis_starts(h, size, overlap, align), axis_starts(w, size, overlap, align)
-    cy, cx = axis_cores(h, size, ys), axis_cores(w, size, xs)
-    return [((y, x, min(y + size, h), min(x + size, w)), (c[0], d[0], c[1], d[1]))
-            for y, c in zip(ys, cy) for x, d in zip(xs, cx)]
+def tile_grid(shape: tuple[int, int], tile_hw: tuple[int, int], margin: int) -> list[Tile]:
+    """Every tile, the seam tiles first, then the primary ones (row-major within each); the cores
+    partition the image. Seam tiles go first so that a cell on a seam is painted whole before a
+    primary tile's cut copy of it could be (which then counts as a duplicate)."""
+    n_y, n_x = (max(1, int(round(side / size))) for side, size in zip(shape, tile_hw))  # primaries per axis
+    ys, xs = axis_tiles(shape[0], tile_hw[0], margin), axis_tiles(shape[1], tile_hw[1], margin)
+    tiles = [Tile((y0, x0, y1, x1), (cy0, cx0, cy1, cx1), ky < n_y and kx < n_x)
+             for ky, (y0, y1, cy0, cy1) in enumerate(ys) for kx, (x0, x1, cx0, cx1) in enumerate(xs)]
+    return [t for t in tiles if not t.primary] + [t for t in tiles if t.primary]
 
 
 def segment_tiled(image: np.ndarray, segment_batch: Callable[[list[np.ndarray]], list[FusedResult]],
@@ -120,10 +116,11 @@ def segment_tiled(image: np.ndarray, segment_batch: Callable[[list[np.ndarray]],
     label = np.zeros((h, w), np.int32)
     scores: list[float] = []
     type_mass, weight = np.zeros(len(CELL_TYPES)), 0.0
-    grid = tile_grid((h, w), tiling.size, tiling.overlap, tiling.align)
-    by_shape: dict[tuple[int, int], list] = {}  # a batch stacks tiles of one shape (row-major within)
-    for window, core in grid:
-        by_shape.setdefault((window[2] - window[0], window[3] - window[1]), []).append((window, core))
+    grid = tile_grid((h, w), (tiling.height, tiling.width), tiling.margin)
+    # a batch stacks tiles of one shape and kind (seam tiles first, as the grid orders them)
+    by_shape: dict[tuple[bool, int, int], list] = {}
+    for window, core, primary in grid:
+        by_shape.setdefault((primary, window[2] - window[0], window[3] - window[1]), []).append((window, core))
     step = max(1, int(batch_size))
     batches = [tiles[i:i + step] for tiles in by_shape.values() for i in range(0, len(tiles), step)]
     for part in batches:

@@ -10,6 +10,7 @@ params.json is newer than every OOF manifest and the inputs it records are uncha
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -135,6 +136,20 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def tuning_processes(cfg: Config, cv_folds: int) -> int:
+    """05's processes: ``ensemble.workers`` (0: one per core), at most one + the folds to cross-validate."""
+    return max(1, min(cfg.ensemble.workers or cpu_cores(), 1 + cv_folds))
+
+
+def share_budgets(cfg: Config, processes: int) -> Config:
+    """``cfg`` with 05's cache budgets (``ensemble.*_mb``) shared out among its processes: they
+    bound 05 as a whole, however many processes it runs."""
+    e = cfg.ensemble
+    return dataclasses.replace(cfg, ensemble=dataclasses.replace(
+        e, feature_cache_mb=e.feature_cache_mb // processes, oof_keep_mb=e.oof_keep_mb // processes,
+        mask_memo_mb=e.mask_memo_mb // processes))
+
+
 def _cross_validate_in_child(cfg: Config, paths: Paths, manifests: Mapping[str, Mapping[int, dict]],
                              folds: list[int], ids: list[str], type_probs: Mapping[str, Any] | None,
                              threads: int) -> dict[str, dict[str, float]]:
@@ -160,12 +175,10 @@ class _FoldProcesses:
     can hang the child."""
 
     def __init__(self, cfg: Config, paths: Paths, manifests: Mapping[str, Mapping[int, dict]],
-                 cv_folds: list[int], ids: list[str], type_probs: Mapping[str, Any] | None) -> None:
-        cores = cpu_cores()
-        workers = min(cfg.ensemble.workers or cores, 1 + len(cv_folds))
-        groups = [cv_folds[k::workers - 1] for k in range(workers - 1)]
+                 cv_folds: list[int], processes: int, ids: list[str], type_probs: Mapping[str, Any] | None) -> None:
+        groups = [cv_folds[k::processes - 1] for k in range(processes - 1)]
         self.folds = sorted(f for g in groups for f in g)
-        self.threads = max(1, cores // workers)
+        self.threads = max(1, cpu_cores() // processes)
         self._pool: Any = None
         self._pending: list[Any] = []
         self._saved_threads = 0
@@ -230,6 +243,10 @@ def run_ensemble(cfg: Config, paths: Paths, force: bool = False) -> Path:
                  paths.ensemble_params)
         return paths.ensemble_params
     started = time.time()
+    folds = sorted(next(iter(manifests.values())))
+    cv_folds = folds if cfg.ensemble.cross_validate and len(folds) > 1 else []
+    processes = tuning_processes(cfg, len(cv_folds))
+    cfg = share_budgets(cfg, processes)
     oof_by_model, truth, mask_fns = _tuning_inputs(cfg, paths, manifests)
     log.info("tuning the ensemble of %s on %d OOF images (%d trials per cell type)",
              list(cfg.ensemble.models), len(set.intersection(*map(set, oof_by_model.values()))),
@@ -239,10 +256,8 @@ def run_ensemble(cfg: Config, paths: Paths, force: bool = False) -> Path:
         paths, {i: t.cell_type for i, t in truth.items()}, fold_of) if cfg.ensemble.cell_type_classifier
                               else (None, None))
     memo = TuningMemo.for_config(cfg)  # score rows and masks, shared with the cross-validated tunings
-    folds = sorted(set(fold_of.values()))
-    cv_folds = folds if cfg.ensemble.cross_validate and len(folds) > 1 else []
     used = {i: truth[i] for i in tunable_ids(oof_by_model, truth)}
-    with _FoldProcesses(cfg, paths, manifests, cv_folds, sorted(used), type_probs) as elsewhere:
+    with _FoldProcesses(cfg, paths, manifests, cv_folds, processes, sorted(used), type_probs) as elsewhere:
         params, report = tune_ensemble(oof_by_model, truth, cfg, mask_fns, type_probs, memo)
         params.cell_type_classifier = classifier
         if cv_folds:
