@@ -170,8 +170,9 @@ class _FoldProcesses:
     """The cross-validated fold tunings that run in child processes while the main process tunes
     in-sample (``ensemble.workers``): ``folds`` are theirs, ``results()`` waits for their scores.
     The tuning is mostly single-threaded Python (paint + IoU per image and setting: 05 used 1.2 of
-    2 cores), so a second process nearly halves its wall time; torch's threads are shared out
-    among the processes meanwhile. Spawned, not forked: a fork after torch's thread pool started
+    2 cores): with a second process, 05 of `make submission` on 100 images took 11.0 min instead
+    of 16.4 with the same results (BENCHMARKS.md); torch's threads are shared out among the
+    processes meanwhile. Spawned, not forked: a fork after torch's thread pool started
     can hang the child."""
 
     def __init__(self, cfg: Config, paths: Paths, manifests: Mapping[str, Mapping[int, dict]],
