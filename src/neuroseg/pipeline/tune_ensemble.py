@@ -170,8 +170,10 @@ class _FoldProcesses:
     """The cross-validated fold tunings that run in child processes while the main process tunes
     in-sample (``ensemble.workers``): ``folds`` are theirs, ``results()`` waits for their scores.
     The tuning is mostly single-threaded Python (paint + IoU per image and setting: 05 used 1.2 of
-    2 cores): with a second process, 05 of `make submission` on 100 images took 11.0 min instead
-    of 16.4 with the same results (BENCHMARKS.md); torch's threads are shared out among the
+    2 cores), but a child starts without the in-sample tuning's memo and recomputes what it would
+    have reused: on 64 OOF images 2 processes took 404 s against 427 s in one (1.06x, 776 against
+    505 s CPU; bench/bench_tune_workers.py); 05 of `make submission` on 100 images took 11.0 min
+    against 16.4 in an earlier run (BENCHMARKS.md). torch's threads are shared out among the
     processes meanwhile. Spawned, not forked: a fork after torch's thread pool started
     can hang the child."""
 
