@@ -37,9 +37,9 @@ import numpy as np
 from neuroseg.config import CELL_TYPES
 from neuroseg.ensemble.fusion import FusedResult
 from neuroseg.structures.label_image import label_to_indices
+from neuroseg.structures.submission_csv import DEFAULT_SHAPE  # the Sartorius images' (520, 704)
 
 Window = tuple[int, int, int, int]  # y0, x0, y1, x1 (end exclusive)
-TRAIN_HW = (520, 704)  # the Sartorius training images
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ class Tiling:
     before it counts as their duplicate."""
 
     above: int = 1024
-    height: int = TRAIN_HW[0]
-    width: int = TRAIN_HW[1]
+    height: int = DEFAULT_SHAPE[0]
+    width: int = DEFAULT_SHAPE[1]
     margin: int = 64
     max_overlap: float = 0.5
 
@@ -70,12 +70,18 @@ class Tiling:
         return self.above > 0 and max(shape[:2]) > self.above
 
 
+def primary_count(length: int, size: int) -> int:
+    """Primary tiles along an axis: ``round(length / size)``, at least one (the last takes the rest)."""
+    return max(1, int(round(length / size)))
+
+
 def axis_tiles(length: int, size: int, margin: int) -> list[tuple[int, int, int, int]]:
-    """``(start, end, core_start, core_end)`` of the tiles along one axis: the primary tiles
-    ``[k size, (k + 1) size)`` (the last one to ``length``: ``round(length / size)`` of them), then
-    one seam tile of ``size`` centred on each seam between them (shifted inside ``[0, length)``).
-    The cores partition ``[0, length)``: a seam's core is ``[seam - margin, seam + margin)``."""
-    n = max(1, int(round(length / size)))
+    """``(start, end, core_start, core_end)`` of the tiles along one axis: the
+    :func:`primary_count` primary tiles ``[k size, (k + 1) size)`` (the last one to ``length``),
+    then one seam tile of ``size`` centred on each seam between them (shifted inside
+    ``[0, length)``). The cores partition ``[0, length)``: a seam's core is
+    ``[seam - margin, seam + margin)``."""
+    n = primary_count(length, size)
     seams = [k * size for k in range(1, n)]
     cuts = [0, *seams, length]
     primaries = [(cuts[k], cuts[k + 1], cuts[k] + (margin if k else 0), cuts[k + 1] - (margin if k < n - 1 else 0))
@@ -99,7 +105,7 @@ def tile_grid(shape: tuple[int, int], tile_hw: tuple[int, int], margin: int) -> 
     """Every tile, the seam tiles first, then the primary ones (row-major within each); the cores
     partition the image. Seam tiles go first so that a cell on a seam is painted whole before a
     primary tile's cut copy of it could be (which then counts as a duplicate)."""
-    n_y, n_x = (max(1, int(round(side / size))) for side, size in zip(shape, tile_hw))  # primaries per axis
+    n_y, n_x = (primary_count(side, size) for side, size in zip(shape, tile_hw))  # axis_tiles lists them first
     ys, xs = axis_tiles(shape[0], tile_hw[0], margin), axis_tiles(shape[1], tile_hw[1], margin)
     tiles = [Tile((y0, x0, y1, x1), (cy0, cx0, cy1, cx1), ky < n_y and kx < n_x)
              for ky, (y0, y1, cy0, cy1) in enumerate(ys) for kx, (x0, x1, cx0, cx1) in enumerate(xs)]
