@@ -286,6 +286,19 @@ def test_fold_tunings_in_other_processes_score_as_in_one(tmp_path, tuned, caplog
     assert stored[3]["params"] == stored[1]["params"] and stored[3]["scores"] == stored[1]["scores"]
 
 
+def test_tuning_processes_by_hand_and_a_negative_count_refused():
+    from neuroseg.pipeline.tune_ensemble import tuning_processes
+
+    def cfg(workers):
+        return config.from_dict({"ensemble": {"workers": workers}})
+
+    assert tuning_processes(cfg(1), 4) == 1
+    assert tuning_processes(cfg(8), 2) == 3  # the main process + one per fold, no more
+    assert tuning_processes(cfg(3), 0) == 1  # nothing to cross-validate
+    with pytest.raises(ValueError, match=r"ensemble.workers must be >= 0 .* got -2"):
+        tuning_processes(cfg(-2), 2)
+
+
 def test_cross_validated_scores_of_some_folds_only(tuned):
     from neuroseg.ensemble.cross_validation import cross_validated_scores
 

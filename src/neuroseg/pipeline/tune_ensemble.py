@@ -138,6 +138,8 @@ def cpu_cores() -> int:
 
 def tuning_processes(cfg: Config, cv_folds: int) -> int:
     """05's processes: ``ensemble.workers`` (0: one per core), at most one + the folds to cross-validate."""
+    if cfg.ensemble.workers < 0:
+        raise ValueError(f"ensemble.workers must be >= 0 (0 = one process per CPU core), got {cfg.ensemble.workers}")
     return max(1, min(cfg.ensemble.workers or cpu_cores(), 1 + cv_folds))
 
 
