@@ -46,6 +46,11 @@ class TrainConfig:
     num_workers: int = 4
     val_every: int = 1  # 0: no validation, best.pt = the last epoch (the OOF pass scores those images)
     max_train_steps_per_epoch: int = 0  # 0 = whole epoch; >0 caps steps (tests, smoke runs)
+    # > 0: after its folds, one more model of this kind trains on every labelled image for this
+    # many epochs (no validation), and 06, predict, pseudo-labelling (without pseudo.per_fold) and
+    # the Kaggle bundle predict with it instead of the fold models. The fold models still make the
+    # OOF predictions 05 tunes on. 0: the fold models predict.
+    refit_epochs: int = 0
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from pathlib import Path
 DEFAULT_DATA_DIR = Path("input/sartorius-cell-instance-segmentation")
 DEFAULT_OUTPUT_DIR = Path("output")
 MODEL_NAMES: tuple[str, ...] = ("yolox", "maskrcnn", "upernet")
+REFIT = "refit"
+"""The fold name of a model trained on every labelled image (``train.refit_epochs``)."""
 # the script that trains each model, named in the errors that ask for its outputs
 TRAIN_SCRIPTS: dict[str, str] = {"yolox": "02_train_yolox.py", "maskrcnn": "03_train_maskrcnn.py",
                                  "upernet": "04_train_upernet.py"}
@@ -113,16 +115,22 @@ class Paths:
             raise ValueError(f"unknown model {model!r}; valid: {list(MODEL_NAMES)}")
         return self.output_dir / "models" / model
 
-    def fold_dir(self, model: str, fold: int) -> Path:
+    def fold_dir(self, model: str, fold: int | str) -> Path:
+        """``models/<model>/fold<k>``, or ``models/<model>/refit`` for ``fold=REFIT`` (the model
+        trained on every labelled image, ``train.refit_epochs``)."""
+        if fold == REFIT:
+            return self.model_dir(model) / REFIT
+        if isinstance(fold, str) or int(fold) < 0:
+            raise ValueError(f"fold must be a fold number >= 0 or {REFIT!r}, got {fold!r}")
         return self.model_dir(model) / f"fold{fold}"
 
-    def last_checkpoint(self, model: str, fold: int) -> Path:
+    def last_checkpoint(self, model: str, fold: int | str) -> Path:
         return self.fold_dir(model, fold) / "last.pt"
 
-    def best_checkpoint(self, model: str, fold: int) -> Path:
+    def best_checkpoint(self, model: str, fold: int | str) -> Path:
         return self.fold_dir(model, fold) / "best.pt"
 
-    def history_csv(self, model: str, fold: int) -> Path:
+    def history_csv(self, model: str, fold: int | str) -> Path:
         return self.fold_dir(model, fold) / "history.csv"
 
     def oof_dir(self, model: str, fold: int) -> Path:

@@ -27,7 +27,7 @@ from neuroseg.config import Config
 from neuroseg.paths import TRAIN_SCRIPTS, Paths
 from neuroseg.structures.box_masks import MASK_SIZE
 from neuroseg.utils.atomic_io import atomic_write_json, read_json
-from neuroseg.utils.hashing import file_sha256
+from neuroseg.utils.hashing import file_sha256, json_hash
 
 log = logging.getLogger("neuroseg")
 
@@ -52,12 +52,15 @@ def fold_config_hash(cfg: Config, paths: Paths, model: str) -> str:
     the input files, and a pretrained checkpoint or pseudo-labels when the config uses them."""
     if model not in SPEC:
         raise ValueError(f"unknown model {model!r}; valid: {list(SPEC)}")
-    # Which folds this run trains and how many loader workers it uses change no fold's result.
+    # Which folds this run trains, how many loader workers it uses and whether a refit model
+    # follows the folds change no fold's result.
     section = getattr(cfg, model)
     section = dataclasses.replace(section, train=dataclasses.replace(section.train, num_workers=0))
     norm = dataclasses.replace(cfg, folds=dataclasses.replace(cfg.folds, train_folds=()),
                                **{model: section})
-    h = hashlib.sha256(norm.section_hash(model, "data", "preprocess", "folds", "seed").encode())
+    d = norm.to_dict()
+    del d[model]["train"]["refit_epochs"]  # absent, so hashes made before the key existed still match
+    h = hashlib.sha256(json_hash({s: d[s] for s in (model, "data", "preprocess", "folds", "seed")}).encode())
     if paths.folds_csv.is_file():
         h.update(paths.folds_csv.read_bytes())
     if paths.preprocess_manifest.is_file():  # its fingerprint of the raw inputs: another data set
@@ -69,6 +72,13 @@ def fold_config_hash(cfg: Config, paths: Paths, model: str) -> str:
 
     extra = pretrained_fingerprint(cfg, paths, model) + pseudo_labels.fingerprint(cfg, paths)
     return hashlib.sha256(f"{base};{extra}".encode()).hexdigest()[:16] if extra else base
+
+
+def refit_config_hash(cfg: Config, paths: Paths, model: str) -> str:
+    """What the refit model (every labelled image, ``train.refit_epochs``) depends on: what a
+    fold's weights do, and its epoch count."""
+    epochs = getattr(cfg, model).train.refit_epochs
+    return hashlib.sha256(f"{fold_config_hash(cfg, paths, model)};refit:{epochs}".encode()).hexdigest()[:16]
 
 
 def pretrained_fingerprint(cfg: Config, paths: Paths, model_name: str) -> str:

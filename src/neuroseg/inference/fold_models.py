@@ -1,7 +1,7 @@
 """Test-time inference: every fold model of the three, flip TTA, outputs in original coordinates.
 
 ``FoldEnsemble.from_checkpoints(cfg, paths)`` loads each model's ``best.pt`` for every fold of the
-config. ``predict_batch`` resizes images by ``data.train_scale`` (as in training and the OOF step),
+config, or its refit model's (``train.refit_epochs``: one model of every labelled image) instead. ``predict_batch`` resizes images by ``data.train_scale`` (as in training and the OOF step),
 runs each fold model once on a batch holding every image in every TTA view, un-flips each view's
 outputs and maps them to original image coordinates (``oof_cache.to_original``, the same mapping the OOF
 cache used, so the tuned ensemble sees test predictions in the form it was tuned on). YOLOX and
@@ -27,7 +27,7 @@ from neuroseg.config import Config
 from neuroseg.data.datasets import image_to_tensor, resize_image
 from neuroseg.evaluation import oof_cache
 from neuroseg.inference import tta
-from neuroseg.paths import MODEL_NAMES, TRAIN_SCRIPTS, Paths
+from neuroseg.paths import MODEL_NAMES, REFIT, TRAIN_SCRIPTS, Paths
 from neuroseg.structures.box_masks import MASK_SIZE, rescale_shift, shift_box_masks
 from neuroseg.structures.predictions import BoxSet, ImagePredictions
 from neuroseg.training import checkpoint
@@ -37,20 +37,31 @@ log = logging.getLogger("neuroseg")
 
 
 
-def load_fold_models(cfg: Config, paths: Paths, model_names: Sequence[str],
-                     device: torch.device) -> dict[str, list[nn.Module]]:
-    """``{model: [fold models]}`` for every fold in ``cfg.fold_ids``; every checkpoint must exist."""
-    missing = [(name, fold) for name in model_names for fold in cfg.fold_ids
+def inference_runs(cfg: Config, model_name: str) -> tuple[int | str, ...]:
+    """The runs whose ``best.pt`` predict new images: ``("refit",)`` when the model has a refit
+    model (``train.refit_epochs`` > 0), else the config's folds."""
+    return (REFIT,) if getattr(cfg, model_name).train.refit_epochs > 0 else cfg.fold_ids
+
+
+def load_fold_models(cfg: Config, paths: Paths, model_names: Sequence[str], device: torch.device,
+                     runs: Callable[[Config, str], Sequence[int | str]] | None = None
+                     ) -> dict[str, list[nn.Module]]:
+    """``{model: [models]}``: each model's ``best.pt`` of every fold in ``cfg.fold_ids`` (the OOF
+    models), or with ``runs=inference_runs`` of the runs that predict new images (the refit model
+    where there is one). Every checkpoint must exist."""
+    runs = runs or (lambda c, _: c.fold_ids)
+    wanted = {name: tuple(runs(cfg, name)) for name in model_names}
+    missing = [(name, fold) for name in model_names for fold in wanted[name]
                if not paths.best_checkpoint(name, fold).is_file()]
     if missing:
         lines = [f"  {paths.best_checkpoint(n, f)}  (train it with {TRAIN_SCRIPTS[n]})" for n, f in missing]
-        raise FileNotFoundError(f"{len(missing)} fold checkpoint(s) missing for inference "
-                                f"(folds {list(cfg.fold_ids)}):\n" + "\n".join(lines))
+        raise FileNotFoundError(f"{len(missing)} checkpoint(s) missing for inference:\n" + "\n".join(lines))
     out = {}
     for name in model_names:
         out[name] = [checkpoint.load_for_inference(paths.best_checkpoint(name, fold), device, cfg.data.train_scale)
-                     for fold in cfg.fold_ids]
-        log.info("loaded %s folds %s on %s", name, list(cfg.fold_ids), device)
+                     for fold in wanted[name]]
+        log.info("loaded %s %s on %s", name, ", ".join(
+            f"fold {f}" if f != REFIT else "refit model (every labelled image)" for f in wanted[name]), device)
     return out
 
 
@@ -72,7 +83,7 @@ class FoldEnsemble:
     def from_checkpoints(cls, cfg: Config, paths: Paths, model_names: Sequence[str] = MODEL_NAMES,
                          device: torch.device | None = None) -> "FoldEnsemble":
         device = device or distributed.resolve_device(cfg.device)
-        models = load_fold_models(cfg, paths, model_names, device)
+        models = load_fold_models(cfg, paths, model_names, device, runs=inference_runs)
         amp = all(getattr(cfg, n).train.amp for n in model_names)
         return cls(models, cfg.data.train_scale, cfg.submission.tta_flips, device, amp)
 

@@ -102,15 +102,17 @@ def kernel_metadata(user: str, name: str) -> dict[str, Any]:
 
 def weight_files(cfg: Config, paths: Paths) -> dict[str, Path]:
     """``{place in an output dir: file here}`` of everything inference reads from the output dir:
-    ``best.pt`` of every model and fold of the config, and the tuned ``params.json``. Every
-    missing file is listed with the script that makes it."""
+    ``best.pt`` of every model and fold of the config (of its refit model instead where it has one:
+    ``inference_runs``), and the tuned ``params.json``. Every missing file is listed with the
+    script that makes it."""
+    from neuroseg.inference.fold_models import inference_runs
     from neuroseg.inference.predict import load_params
     from neuroseg.paths import TRAIN_SCRIPTS
 
     files: dict[str, Path] = {}
     missing = []
     for model in cfg.ensemble.models:
-        for fold in cfg.fold_ids:
+        for fold in inference_runs(cfg, model):
             path = paths.best_checkpoint(model, fold)
             if path.is_file():
                 files[path.relative_to(paths.output_dir).as_posix()] = path
@@ -146,6 +148,8 @@ def link_or_copy(src: Path, dst: Path) -> str:
 
 def write_weights(dest: Path, cfg: Config, files: dict[str, Path], dataset_id: str, bundle_id: str,
                   title: str) -> None:
+    from neuroseg.inference.fold_models import inference_runs
+
     layout = {place: flat_name(place) for place in files}
     if len(set(layout.values())) != len(layout):
         raise BundleError(f"two weight files would share a name: {layout}")
@@ -155,7 +159,7 @@ def write_weights(dest: Path, cfg: Config, files: dict[str, Path], dataset_id: s
     config_mod.save(cfg, dest / "config.yaml")
     atomic_write_json(dest / MANIFEST_NAME, {
         "format": 1, "kind": "weights", "bundle_id": bundle_id, "config": "config.yaml",
-        "config_name": cfg.name, "models": {m: list(cfg.fold_ids) for m in cfg.ensemble.models},
+        "config_name": cfg.name, "models": {m: list(inference_runs(cfg, m)) for m in cfg.ensemble.models},
         "layout": layout, "sha256": {name: file_sha256(dest / name) for name in layout.values()},
     })
     atomic_write_json(dest / "dataset-metadata.json", dataset_metadata(dataset_id, title))

@@ -11,6 +11,7 @@ Under ``torchrun`` every process runs this same code; only rank 0 writes files.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -27,7 +28,7 @@ from neuroseg.data import pseudo_labels
 from neuroseg.data.pseudo_labels import add_pseudo_labels, holdout_ids
 from neuroseg.data.records import ImageRecord, group_records, read_train_csv
 from neuroseg.evaluation import oof_cache
-from neuroseg.paths import MODEL_NAMES, Paths
+from neuroseg.paths import MODEL_NAMES, REFIT, Paths
 from neuroseg.pipeline import pretrain
 from neuroseg.training import checkpoint, history, loop, run_state
 from neuroseg.training.run_state import RunFiles
@@ -170,27 +171,8 @@ def train_fold(cfg: Config, paths: Paths, model_name: str, fold: int, force: boo
     t0 = time.time()
     h = oof_cache.fold_config_hash(cfg, paths, model_name)  # includes pretraining and pseudo-labels
     train_recs, val_recs = load_fold_records(cfg, paths, fold)
-    desc = f"{model_name} fold {fold}"
-    files = run_files(paths, model_name, fold)
-    best_path = files.best
-    summary: dict[str, Any] = {"model": model_name, "fold": fold, "config_hash": h}
-
-    done = run_state.finished(files, h, force)
-    if done is not None:
-        log.info("%s: already trained (%s); skipping (--force retrains)", desc, files.done)
-        summary.update(done, skipped=True)
-    else:
-        run_state.begin(files, h, {"model": model_name, "fold": fold}, desc, force=force, is_main=info.is_main,
-                        save_config=lambda: config_mod.save(cfg, paths.fold_dir(model_name, fold) / "config.yaml"))
-        result = _fit_fold(cfg, paths, model_name, fold, h, train_recs, val_recs, device, info,
-                           model_factory, on_epoch_end)
-        summary.update(result, skipped=False)
-        if info.is_main:
-            sha = file_sha256(best_path)
-            atomic_write_json(files.done, {**summary, "checkpoint_sha256": sha})
-            log.info("%s: best %s %.4f at epoch %d -> %s; history %s (+ .png), %s", desc,
-                     result["val_metric"], result["best_metric"], result["best_epoch"], best_path,
-                     paths.history_csv(model_name, fold), files.done)
+    summary = _train_once(cfg, paths, model_name, fold, h, train_recs, val_recs, force, device, info,
+                          model_factory, on_epoch_end)
     # OOF only on rank 0: a fold's val images are few next to training; the others wait
     if info.is_main:
         summary["oof_dir"] = str(write_fold_oof(cfg, paths, model_name, fold, val_recs, h, device,
@@ -200,8 +182,68 @@ def train_fold(cfg: Config, paths: Paths, model_name: str, fold: int, force: boo
     return summary
 
 
+def refit_config(cfg: Config, model_name: str) -> Config:
+    """``cfg`` with ``model_name`` training for its ``train.refit_epochs`` without validation:
+    the refit model has no held-out image (its best.pt is its last epoch)."""
+    section = getattr(cfg, model_name)
+    tc = section.train
+    return dataclasses.replace(cfg, **{model_name: dataclasses.replace(
+        section, train=dataclasses.replace(tc, epochs=tc.refit_epochs, val_every=0))})
+
+
+def train_refit(cfg: Config, paths: Paths, model_name: str, force: bool = False, *,
+                model_factory: ModelFactory | None = None,
+                on_epoch_end: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    """Train one ``model_name`` on every labelled image for ``train.refit_epochs`` (or skip /
+    resume), into ``models/<model>/refit/``: the model 06 and ``predict`` use in place of the fold
+    models. No OOF: it has seen every image 05 tunes on."""
+    if model_name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {model_name!r}; valid: {list(MODEL_NAMES)}")
+    epochs = getattr(cfg, model_name).train.refit_epochs
+    if epochs <= 0:
+        raise ValueError(f"{model_name}.train.refit_epochs is {epochs}: set it > 0 to train a refit model")
+    if cfg.pseudo.enabled:
+        raise ValueError(f"{model_name}.train.refit_epochs with pseudo.enabled: pseudo-labels are made "
+                         f"per fold, so a model of every image has none of its own; set one of them off")
+    info = distributed.env_info()
+    device = distributed.resolve_device(cfg.device, info)
+    distributed.init(device, info)
+    t0 = time.time()
+    h = oof_cache.refit_config_hash(cfg, paths, model_name)
+    train_recs, val_recs = load_fold_records(cfg, paths, 0)
+    summary = _train_once(refit_config(cfg, model_name), paths, model_name, REFIT, h, train_recs + val_recs, [],
+                          force, device, info, model_factory, on_epoch_end)
+    distributed.barrier()
+    summary["seconds"] = round(time.time() - t0, 1)
+    return summary
+
+
+def _train_once(cfg, paths, model_name, fold, config_hash, train_recs, val_recs, force, device, info,
+                model_factory, on_epoch_end) -> dict[str, Any]:
+    """One run (a fold, or the refit): skip when done, else train or resume; its summary."""
+    desc = f"{model_name} {REFIT}" if fold == REFIT else f"{model_name} fold {fold}"
+    files = run_files(paths, model_name, fold)
+    summary: dict[str, Any] = {"model": model_name, "fold": fold, "config_hash": config_hash}
+    done = run_state.finished(files, config_hash, force)
+    if done is not None:
+        log.info("%s: already trained (%s); skipping (--force retrains)", desc, files.done)
+        summary.update(done, skipped=True)
+        return summary
+    run_state.begin(files, config_hash, {"model": model_name, "fold": fold}, desc, force=force, is_main=info.is_main,
+                    save_config=lambda: config_mod.save(cfg, paths.fold_dir(model_name, fold) / "config.yaml"))
+    result = _fit_fold(cfg, paths, model_name, fold, config_hash, train_recs, val_recs, device, info,
+                       model_factory, on_epoch_end, desc)
+    summary.update(result, skipped=False)
+    if info.is_main:
+        atomic_write_json(files.done, {**summary, "checkpoint_sha256": file_sha256(files.best)})
+        log.info("%s: best %s %.4f at epoch %d -> %s; history %s (+ .png), %s", desc,
+                 result["val_metric"], result["best_metric"], result["best_epoch"], files.best,
+                 paths.history_csv(model_name, fold), files.done)
+    return summary
+
+
 def _fit_fold(cfg, paths, model_name, fold, config_hash, train_recs, val_recs, device, info,
-              model_factory, on_epoch_end) -> dict[str, Any]:
+              model_factory, on_epoch_end, desc) -> dict[str, Any]:
     from neuroseg.data.datasets import collate, model_data_config, needs_masks
 
     tc = getattr(cfg, model_name).train
@@ -220,21 +262,35 @@ def _fit_fold(cfg, paths, model_name, fold, config_hash, train_recs, val_recs, d
         last_path=paths.last_checkpoint(model_name, fold), best_path=paths.best_checkpoint(model_name, fold),
         history_path=paths.history_csv(model_name, fold), config_hash=config_hash,
         meta={"model_name": model_name, "fold": fold, "config": cfg.to_dict()},
-        seed=cfg.seed, desc=f"{model_name} fold {fold}")
+        seed=cfg.seed, desc=desc)
     return loop.fit(model, train_set, val_set, tc, run, collate_fn=collate, device=device, info=info,
                       on_epoch_end=on_epoch_end)
 
 
-def train_model(cfg: Config, paths: Paths, model_name: str, folds: tuple[int, ...] | None = None,
+def train_model(cfg: Config, paths: Paths, model_name: str, folds: tuple[int | str, ...] | None = None,
                 force: bool = False) -> list[dict[str, Any]]:
-    """Train every fold of ``folds`` (default: the config's ``fold_ids``); one summary per fold.
+    """Train every fold of ``folds``, one summary each. ``folds`` holds fold numbers and
+    ``"refit"`` (the model of every labelled image, ``train.refit_epochs``); default: the config's
+    ``fold_ids``, then the refit model when ``refit_epochs`` > 0.
 
     With ``pretrain.enabled`` the model is pretrained first (``pretrain.ensure_pretrained``:
     skipped when done; ``--force`` here retrains the folds, not the pretraining)."""
-    folds = tuple(folds) if folds else cfg.fold_ids
-    bad = [f for f in folds if f not in range(cfg.folds.n_folds)]
+    refit_epochs = getattr(cfg, model_name).train.refit_epochs
+    if refit_epochs < 0:
+        raise SystemExit(f"{model_name}.train.refit_epochs must be >= 0 (0: no refit model), got {refit_epochs}")
+    if folds:
+        folds = tuple(folds)
+    else:
+        folds = (*cfg.fold_ids, *((REFIT,) if refit_epochs > 0 else ()))
+    bad = [f for f in folds if f != REFIT and f not in range(cfg.folds.n_folds)]
     if bad:
         raise SystemExit(f"--folds {bad} out of range: n_folds={cfg.folds.n_folds}")
+    if REFIT in folds and refit_epochs == 0:
+        raise SystemExit(f"--folds names {REFIT!r} but {model_name}.train.refit_epochs is 0: set it "
+                         f"(e.g. --set {model_name}.train.refit_epochs=40)")
+    if REFIT in folds and cfg.pseudo.enabled:  # before the folds' hours, not after
+        raise SystemExit(f"{model_name}.train.refit_epochs with pseudo.enabled: pseudo-labels are made per "
+                         f"fold, so a model of every image has none of its own; set one of them off")
     csv = pseudo_labels.pseudo_csv(cfg, paths)
     if cfg.pseudo.enabled and not csv.is_file():  # before hours of pretraining, not after
         raise FileNotFoundError(
@@ -249,22 +305,36 @@ def train_model(cfg: Config, paths: Paths, model_name: str, folds: tuple[int, ..
         if cfg.pretrain.enabled:
             pretrain.ensure_pretrained(cfg, paths, model_name)
         for fold in folds:
-            out.append(train_fold(cfg, paths, model_name, fold, force=force))
+            if fold == REFIT:
+                out.append(train_refit(cfg, paths, model_name, force=force))
+            else:
+                out.append(train_fold(cfg, paths, model_name, fold, force=force))
     finally:
         distributed.shutdown()
     if info.is_main:
         for s in out:
-            log.info("%s fold %d: %s %.4f%s, %.0fs", model_name, s["fold"], s.get("val_metric", "metric"),
+            log.info("%s fold %s: %s %.4f%s, %.0fs", model_name, s["fold"], s.get("val_metric", "metric"),
                      s.get("best_metric", float("nan")), " (skipped)" if s["skipped"] else "", s["seconds"])
     return out
+
+
+def parse_runs(text: str | None) -> tuple[int | str, ...] | None:
+    """``--folds``: ``"0,2"`` -> (0, 2); ``"1,refit"`` -> (1, "refit"); None/"" -> None (the config's)."""
+    items = [t.strip() for t in (text or "").split(",") if t.strip()]
+    if not items:
+        return None
+    folds = parse_folds(",".join(t for t in items if t != REFIT)) or ()
+    return (*folds, *((REFIT,) if REFIT in items else ()))
 
 
 def train_main(model: str, description: str, argv: list[str] | None = None) -> int:
     """The whole of 02/03/04: parse the common line plus ``--folds``, train ``model``'s folds."""
     cfg, paths, args = parse_args(description, argv, extra=lambda p: p.add_argument(
-        "--folds", default=None, help="comma-separated folds to train, e.g. 0,2 (default: the config's)"))
+        "--folds", default=None, help=f"comma-separated folds to train, e.g. 0,2; {REFIT!r} names the model "
+                                      f"of every image (train.refit_epochs); default: the config's folds, "
+                                      f"then {REFIT!r} when refit_epochs > 0"))
     try:
-        train_model(cfg, paths, model, folds=parse_folds(args.folds), force=args.force)
+        train_model(cfg, paths, model, folds=parse_runs(args.folds), force=args.force)
     except FileNotFoundError as e:  # a missing input (01 not run, pseudo-labels, LIVECell): its message says which
         print(f"train {model}: {e}", file=sys.stderr)
         return 1

@@ -266,7 +266,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, tc: TrainConfig,
     device = device or torch.device("cpu")
     if tc.val_every < 0:
         raise ValueError(f"{run.desc}: train.val_every must be >= 0 (0: no validation), got {tc.val_every}")
-    if len(train_set) == 0 or len(val_set) == 0:
+    if len(train_set) == 0 or (tc.val_every > 0 and len(val_set) == 0):
         raise ValueError(f"{run.desc}: empty split (train {len(train_set)}, val {len(val_set)} images)")
     amp_dtype = autocast_dtype(tc, device, run.desc)
     use_amp = amp_dtype == torch.float16  # validation: float16 AMP on CUDA, never bf16 on the CPU
