@@ -13,12 +13,13 @@ from neuroseg.args import parse_args
 
 def main(argv: list[str] | None = None) -> int:
     cfg, paths, args = parse_args(__doc__.splitlines()[0], argv)
+    from neuroseg.config import ConfigError
     from neuroseg.evaluation.oof_cache import OOFError  # after parsing: --help does not pay for torch
     from neuroseg.pipeline.tune_ensemble import run_ensemble
 
     try:
         run_ensemble(cfg, paths, force=args.force)
-    except (FileNotFoundError, OOFError) as e:
+    except (FileNotFoundError, OOFError, ConfigError) as e:  # a message naming what to do
         print(f"05_ensemble: {e}", file=sys.stderr)
         return 1
     return 0

@@ -299,6 +299,21 @@ def test_tuning_processes_by_hand_and_a_negative_count_refused():
         tuning_processes(cfg(-2), 2)
 
 
+def test_the_05_script_refuses_a_negative_workers_count_in_one_line(tmp_path, tuned, capsys):
+    import importlib.util
+
+    paths = _toy_run(tmp_path, tuned)
+    spec = importlib.util.spec_from_file_location("ensemble_05", "05_ensemble.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    code = script.main(["--data-dir", str(paths.data_dir), "--output-dir", str(paths.output_dir),
+                        "--set", "folds.n_folds=2", "--set", "ensemble.models=[yolox,upernet]",
+                        "--set", "ensemble.workers=-1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "05_ensemble: ensemble.workers must be >= 0" in err and "Traceback" not in err
+    assert not paths.ensemble_params.exists()
+
+
 def test_cross_validated_scores_of_some_folds_only(tuned):
     from neuroseg.ensemble.cross_validation import cross_validated_scores
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from neuroseg.config import Config
+from neuroseg.config import Config, ConfigError
 from neuroseg.ensemble.celltype import fit_cell_type_classifier
 from neuroseg.ensemble.cross_validation import cross_validated_scores
 from neuroseg.ensemble.report import format_report, write_figures, write_scores_csv
@@ -139,7 +139,7 @@ def cpu_cores() -> int:
 def tuning_processes(cfg: Config, cv_folds: int) -> int:
     """05's processes: ``ensemble.workers`` (0: one per core), at most one + the folds to cross-validate."""
     if cfg.ensemble.workers < 0:
-        raise ValueError(f"ensemble.workers must be >= 0 (0 = one process per CPU core), got {cfg.ensemble.workers}")
+        raise ConfigError(f"ensemble.workers must be >= 0 (0 = one process per CPU core), got {cfg.ensemble.workers}")
     return max(1, min(cfg.ensemble.workers or cpu_cores(), 1 + cv_folds))
 
 
