@@ -1,13 +1,18 @@
-"""Score against training budget: out-of-sample scores of several ``bench_accuracy.py`` runs (each
-an ``OUT/accuracy.json``) against the CPU time their models trained for, one line per series.
+"""Score against training budget: out-of-sample scores of ``bench_accuracy.py`` runs (each an
+``OUT/accuracy.json``) against the wall time their models trained for, one line per series.
 
     .venv/bin/python bench/bench_budget.py --out docs/budget.png \\
-        --run "reference=/work/runs/acc-ref27:maskrcnn" --run "reference=/work/runs/acc-ref54:maskrcnn" \\
-        --run "cpu ensemble=/work/runs/acc-cpu-half" --run "cpu ensemble=/work/runs/acc-cpu3"
+        --run "cpu ensemble=/work/runs/acc-cpu-half" --run "cpu ensemble=/work/runs/acc-cpu4" \\
+        --run "cpu ensemble + refit=/work/runs/acc-cpu4-refit" --base /work/runs/acc-cpu4-refit=/work/runs/acc-cpu4 \\
+        --point "reference=22.0:0.1617:BENCHMARKS.md 2026-12-02"
 
-``SERIES=DIR[:METHOD]``: METHOD is the submission scored (``ensemble``, the default, or a single
-model's ``06 --only``). The budget is the CPU time of 02-04 (training plus each fold's OOF
-pass), which a busy box changes less than wall time. Prints a markdown table; writes the PNG.
+``--run SERIES=DIR[:METHOD]``: METHOD is the submission scored (``ensemble``, the default, or a
+single model's ``06 --only``). The budget is the wall time of the steps that trained it (02-04
+for the ensemble, the model's own step for one model: training plus each fold's OOF pass) on
+the quiet 2-core box, as issue 14 states budgets; the table gives their CPU time beside it. ``--base DIR=BASE``: DIR is a copy of BASE's run whose folds were reused (only a
+refit model trained), so BASE's 02-04 times are added to DIR's. ``--point
+SERIES=TRAIN_WALL_MIN:SCORE:SOURCE``: a recorded figure whose run directory is gone, plotted
+hollow and named with its source in the table.
 """
 
 from __future__ import annotations
@@ -17,10 +22,17 @@ import json
 import sys
 from pathlib import Path
 
-TRAIN_STEPS = ("02", "03", "04")
+TRAIN_STEPS = {"yolox": ("02",), "maskrcnn": ("03",), "upernet": ("04",), "ensemble": ("02", "03", "04")}
 
 
-def read_point(spec: str) -> dict:
+def train_times(run_dir: str | Path, method: str) -> dict[str, float]:
+    """Wall and CPU minutes of the steps that trained what ``method`` scores (one model's step,
+    or 02-04 for the ensemble), from a run's accuracy.json."""
+    steps = json.loads((Path(run_dir) / "accuracy.json").read_text())["steps"]
+    return {k: sum(steps[s][f"{k}_s"] for s in TRAIN_STEPS[method] if s in steps) / 60 for k in ("wall", "cpu")}
+
+
+def read_point(spec: str, bases: dict[str, str]) -> dict:
     series, _, rest = spec.partition("=")
     if not rest:
         raise SystemExit(f"--run {spec!r}: expected SERIES=DIR[:METHOD]")
@@ -32,32 +44,58 @@ def read_point(spec: str) -> dict:
     method = method or "ensemble"
     if method not in result["scores"]:
         raise SystemExit(f"--run {spec!r}: {path} has no {method!r} score; it has {sorted(result['scores'])}")
-    steps = result["steps"]
-    return {"series": series, "dir": run_dir, "method": method,
+    times = train_times(run_dir, method)
+    source = run_dir
+    if run_dir in bases:
+        base = train_times(bases[run_dir], method)
+        times = {k: times[k] + base[k] for k in times}
+        source = f"{run_dir} (+ the folds of {bases[run_dir]})"
+    return {"series": series, "source": source, "method": method, "recorded": False,
             "config": " ".join([result["config"], *result.get("overrides", [])]),
-            "train_cpu_min": sum(steps[s]["cpu_s"] for s in TRAIN_STEPS if s in steps) / 60,
-            "total_wall_min": result["total"]["wall_s"] / 60, **result["scores"][method]}
+            "train_wall_min": times["wall"], "train_cpu_min": times["cpu"], **result["scores"][method]}
+
+
+def recorded_point(spec: str) -> dict:
+    series, _, rest = spec.partition("=")
+    parts = rest.split(":", 2)
+    if len(parts) != 3:
+        raise SystemExit(f"--point {spec!r}: expected SERIES=TRAIN_WALL_MIN:SCORE:SOURCE")
+    try:
+        wall, score = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise SystemExit(f"--point {spec!r}: TRAIN_WALL_MIN and SCORE must be numbers") from None
+    return {"series": series, "source": parts[2], "method": "recorded", "recorded": True, "config": "-",
+            "train_wall_min": wall, "train_cpu_min": float("nan"), "overall": score}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", action="append", required=True, metavar="SERIES=DIR[:METHOD]")
+    ap.add_argument("--run", action="append", default=[], metavar="SERIES=DIR[:METHOD]")
+    ap.add_argument("--base", action="append", default=[], metavar="DIR=BASE_DIR")
+    ap.add_argument("--point", action="append", default=[], metavar="SERIES=TRAIN_WALL_MIN:SCORE:SOURCE")
     ap.add_argument("--out", required=True, help="the PNG to write")
     args = ap.parse_args()
-    points = sorted((read_point(s) for s in args.run), key=lambda p: (p["series"], p["train_cpu_min"]))
+    if not args.run and not args.point:
+        raise SystemExit("nothing to plot: give --run and/or --point")
+    bases = dict(b.split("=", 1) for b in args.base)
+    points = [*(read_point(s, bases) for s in args.run), *(recorded_point(s) for s in args.point)]
+    points.sort(key=lambda p: (p["series"], p["train_wall_min"]))
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(7.0, 4.4))
     for series in dict.fromkeys(p["series"] for p in points):
         pts = [p for p in points if p["series"] == series]
-        ax.plot([p["train_cpu_min"] for p in pts], [p["overall"] for p in pts], "o-", label=series)
-    ax.set_xlabel("training CPU minutes (02-04, 2-core box)")
+        (line,) = ax.plot([p["train_wall_min"] for p in pts], [p["overall"] for p in pts], "-", label=series)
+        for p in pts:
+            ax.plot(p["train_wall_min"], p["overall"], "o", color=line.get_color(),
+                    fillstyle="none" if p["recorded"] else "full")
+    ax.set_xlabel("training wall minutes (02-04, quiet 2-core box)")
     ax.set_ylabel("out-of-sample score (36 test images)")
-    ax.set_title("score against training budget")
+    ax.set_title("score against training budget (hollow: recorded figure)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -66,12 +104,13 @@ def main() -> int:
     tmp = out.with_name(out.stem + ".tmp.png")
     fig.savefig(tmp, dpi=100)
     tmp.replace(out)
-    print("| series | run | scored | training CPU min | 01-06 wall min | overall | shsy5y | astro | cort |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| series | run | config | scored | training wall min | training CPU min | overall | shsy5y | astro | cort |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     for p in points:
         cells = " | ".join(f"{p[t]:.4f}" if t in p else "-" for t in ("overall", "shsy5y", "astro", "cort"))
-        print(f"| {p['series']} | `{p['config']}` | {p['method']} | {p['train_cpu_min']:.1f} | "
-              f"{p['total_wall_min']:.1f} | {cells} |")
+        cpu = "-" if p["recorded"] else f"{p['train_cpu_min']:.1f}"
+        print(f"| {p['series']} | {p['source']} | `{p['config']}` | {p['method']} | {p['train_wall_min']:.1f} | "
+              f"{cpu} | {cells} |")
     print(f"wrote {out}")
     return 0
 
