@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 from pathlib import Path
 
 import cv2
@@ -91,6 +92,15 @@ def test_second_run_is_a_no_op_and_force_or_changes_redo(paths, caplog):
     # fewer folds: the old fold2 files go, so no stale file is mixed in
     assert run_preprocess(cfg("folds.n_folds=2", "preprocess.border_width=1"), paths)["skipped"] is False
     assert not paths.coco_json(2, "train").exists() and paths.coco_json(1, "val").exists()
+
+    # the same files again with new mtimes (a data set unzipped or synced anew): still up to date;
+    # an image's bytes changed: redone
+    done = cfg("folds.n_folds=2", "preprocess.border_width=1")
+    image = paths.train_image("a1")
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**10))
+    assert run_preprocess(done, paths)["skipped"] is True
+    Image.fromarray(np.asarray(Image.open(image)) ^ 1).save(image)
+    assert run_preprocess(done, paths)["skipped"] is False
 
     # changed input (same rows, other order) and a deleted output both redo the step
     lines = paths.train_csv.read_text().splitlines()

@@ -45,14 +45,16 @@ N_FIGURE_IMAGES = 3
 
 
 def inputs_fingerprint(paths: Paths) -> str:
-    """sha256 over train.csv's bytes and each training PNG's name, size and mtime."""
+    """sha256 over train.csv's bytes and each training PNG's name and bytes. The bytes, not the
+    mtimes: a data set unzipped or synced again (new mtimes, same files) keeps every trained fold
+    (the fold hash includes this). Reading them took 0.03 s for sartorius-mini's 100 images (21 MB)
+    on the dev box; Kaggle's 606 are ~6x that, next to minutes of cleaning and folds."""
     if not paths.train_csv.is_file():
         raise DataError(f"{paths.train_csv}: file not found (data dir {paths.data_dir})")
     h = hashlib.sha256()
     file_sha256(paths.train_csv, into=h)
     for png in sorted(paths.train_images.glob("*.png")):
-        st = png.stat()
-        h.update(f"{png.name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        h.update(f"{png.name}\t{file_sha256(png)}\n".encode())
     return h.hexdigest()
 
 
