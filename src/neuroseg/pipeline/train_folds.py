@@ -4,7 +4,10 @@
 ``train_model(cfg, paths, "maskrcnn", folds=(0, 2))`` does the work. Per fold (``train_fold``): a finished fold (``done.json`` with the same config hash) is skipped unless
 ``force``; a fold whose ``last.pt`` was made by another config is trained afresh (logged); a
 killed fold resumes from ``last.pt``. After training, the fold's validation images are predicted
-with ``best.pt`` and written to the OOF cache (rebuilt whenever it is stale or partial).
+with ``best.pt`` and written to the OOF cache (rebuilt whenever it is stale or partial). With
+``train.refit_epochs`` > 0 one more model then trains on every labelled image (``train_refit``,
+``models/<model>/refit/``): no validation and no OOF; 06 and ``predict`` use it instead of the
+fold models.
 
 Under ``torchrun`` every process runs this same code; only rank 0 writes files.
 """
