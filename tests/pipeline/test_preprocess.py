@@ -21,7 +21,7 @@ from neuroseg import config
 from neuroseg.data.records import DataError, read_train_csv
 from neuroseg.data.semantic_targets import semantic_target_from_rles
 from neuroseg.paths import Paths
-from neuroseg.pipeline.preprocess import run_preprocess
+from neuroseg.pipeline.preprocess import inputs_fingerprint, mtime_fingerprint, run_preprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,6 +101,15 @@ def test_second_run_is_a_no_op_and_force_or_changes_redo(paths, caplog):
     assert run_preprocess(done, paths)["skipped"] is True
     Image.fromarray(np.asarray(Image.open(image)) ^ 1).save(image)
     assert run_preprocess(done, paths)["skipped"] is False
+    # a manifest of the older mtime fingerprint stays valid while the files keep their mtimes
+    # (the fold hashes hold the stored value: no retraining on upgrade), not once they change
+    manifest = json.loads(paths.preprocess_manifest.read_text())
+    manifest["inputs_sha256"] = mtime_fingerprint(paths)
+    paths.preprocess_manifest.write_text(json.dumps(manifest))
+    assert run_preprocess(done, paths)["skipped"] is True
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**10))
+    assert run_preprocess(done, paths)["skipped"] is False
+    assert json.loads(paths.preprocess_manifest.read_text())["inputs_sha256"] == inputs_fingerprint(paths)
 
     # changed input (same rows, other order) and a deleted output both redo the step
     lines = paths.train_csv.read_text().splitlines()

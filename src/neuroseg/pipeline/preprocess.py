@@ -58,6 +58,18 @@ def inputs_fingerprint(paths: Paths) -> str:
     return h.hexdigest()
 
 
+def mtime_fingerprint(paths: Paths) -> str:
+    """The fingerprint of manifests written before 38143e6 (train.csv's bytes, each PNG's name,
+    size and mtime). Still accepted while it matches, so an output dir trained before the change
+    keeps its folds (their hash holds the manifest's stored fingerprint) until its files change."""
+    h = hashlib.sha256()
+    file_sha256(paths.train_csv, into=h)
+    for png in sorted(paths.train_images.glob("*.png")):
+        st = png.stat()
+        h.update(f"{png.name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def _outputs(paths: Paths, n_folds: int, image_ids: list[str]) -> list[Path]:
     files = [paths.clean_train_csv, paths.cleaning_report, paths.folds_csv, paths.cleaning_figure,
              paths.preprocess_config]
@@ -75,8 +87,9 @@ def _up_to_date(paths: Paths, fingerprint: str, config_hash: str) -> dict | None
     except ValueError:
         log.warning("%s: unreadable manifest, redoing the step", paths.preprocess_manifest)
         return None
-    if (manifest.get("format") != MANIFEST_FORMAT or manifest.get("inputs_sha256") != fingerprint
-            or manifest.get("config_hash") != config_hash):
+    stored = manifest.get("inputs_sha256")
+    same_inputs = stored == fingerprint or stored == mtime_fingerprint(paths)
+    if manifest.get("format") != MANIFEST_FORMAT or not same_inputs or manifest.get("config_hash") != config_hash:
         log.info("preprocess: inputs or config changed since %s, redoing", paths.preprocess_manifest)
         return None
     missing = [p for p in manifest.get("outputs", []) if not (paths.output_dir / p).is_file()]
