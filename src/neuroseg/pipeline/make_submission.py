@@ -44,8 +44,8 @@ def make_submission(cfg: Config, paths: Paths, only: str | None = None,
     images = image_files(paths.test_images, (".png",))  # the scorer's test set is PNG
     if folds is None:
         folds = FoldEnsemble.from_checkpoints(cfg, paths, names)
-    log.info("06: %d test images from %s; %s of %s fold models, TTA views %s -> %s", len(images),
-             paths.test_images, "fusion" if only is None else "single model",
+    log.info("06: %d test images from %s; %s of %s models (the folds', or one refit), TTA views %s -> %s",
+             len(images), paths.test_images, "fusion" if only is None else "single model",
              {n: len(m) for n, m in folds.models.items()}, list(folds.views), out)
     counts = {"images": 0, "empty": 0, "instances": 0}
 
