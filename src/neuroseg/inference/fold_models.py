@@ -1,7 +1,8 @@
 """Test-time inference: every fold model of the three, flip TTA, outputs in original coordinates.
 
 ``FoldEnsemble.from_checkpoints(cfg, paths)`` loads each model's ``best.pt`` for every fold of the
-config, or its refit model's (``train.refit_epochs``: one model of every labelled image) instead. ``predict_batch`` resizes images by ``data.train_scale`` (as in training and the OOF step),
+config, or its refit model's (``train.refit_epochs``: one model of every labelled image) instead.
+``predict_batch`` resizes images by ``data.train_scale`` (as in training and the OOF step),
 runs each fold model once on a batch holding every image in every TTA view, un-flips each view's
 outputs and maps them to original image coordinates (``oof_cache.to_original``, the same mapping the OOF
 cache used, so the tuned ensemble sees test predictions in the form it was tuned on). YOLOX and

@@ -49,24 +49,24 @@ def inputs_fingerprint(paths: Paths) -> str:
     mtimes: a data set unzipped or synced again (new mtimes, same files) keeps every trained fold
     (the fold hash includes this). Reading them took 0.03 s for sartorius-mini's 100 images (21 MB)
     on the dev box; Kaggle's 606 are ~6x that, next to minutes of cleaning and folds."""
+    return _fingerprint(paths, file_sha256)
+
+
+def mtime_fingerprint(paths: Paths) -> str:
+    """The fingerprint of manifests written before 38143e6 (each PNG's size and mtime for its
+    bytes). Still accepted while it matches, so an output dir trained before the change keeps its
+    folds (their hash holds the manifest's stored fingerprint) until its files change."""
+    return _fingerprint(paths, lambda png: f"{png.stat().st_size}\t{png.stat().st_mtime_ns}")
+
+
+def _fingerprint(paths: Paths, png_key) -> str:
+    """sha256 over train.csv's bytes and ``name\tpng_key(png)`` of each training PNG."""
     if not paths.train_csv.is_file():
         raise DataError(f"{paths.train_csv}: file not found (data dir {paths.data_dir})")
     h = hashlib.sha256()
     file_sha256(paths.train_csv, into=h)
     for png in sorted(paths.train_images.glob("*.png")):
-        h.update(f"{png.name}\t{file_sha256(png)}\n".encode())
-    return h.hexdigest()
-
-
-def mtime_fingerprint(paths: Paths) -> str:
-    """The fingerprint of manifests written before 38143e6 (train.csv's bytes, each PNG's name,
-    size and mtime). Still accepted while it matches, so an output dir trained before the change
-    keeps its folds (their hash holds the manifest's stored fingerprint) until its files change."""
-    h = hashlib.sha256()
-    file_sha256(paths.train_csv, into=h)
-    for png in sorted(paths.train_images.glob("*.png")):
-        st = png.stat()
-        h.update(f"{png.name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        h.update(f"{png.name}\t{png_key(png)}\n".encode())
     return h.hexdigest()
 
 
