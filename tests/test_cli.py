@@ -97,3 +97,17 @@ def test_training_script_without_preprocess_says_what_to_run(tmp_path, capsys):
     assert rc == 1
     err = capsys.readouterr().err
     assert err.startswith("train upernet: ") and "run 01_preprocess.py first" in err
+
+
+def test_training_script_skips_a_model_the_ensemble_leaves_out(tmp_path, caplog):
+    from neuroseg.pipeline.train_folds import train_main
+
+    common = ["--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "out"),
+              "--set", "ensemble.models=[maskrcnn,upernet]"]
+    with caplog.at_level("INFO", logger="neuroseg"):
+        assert train_main("yolox", "test", common) == 0  # no 01 run: it would fail if it started
+    assert "yolox is not in ensemble.models ['maskrcnn', 'upernet']" in caplog.text
+    assert not (tmp_path / "out" / "models").exists()
+    # named folds train it anyway (here: stops at the missing 01, as any training would)
+    assert train_main("yolox", "test", [*common, "--folds", "0"]) == 1
+    assert train_main("upernet", "test", common) == 1

@@ -336,6 +336,12 @@ def train_main(model: str, description: str, argv: list[str] | None = None) -> i
         "--folds", default=None, help=f"comma-separated folds to train, e.g. 0,2; {REFIT!r} names the model "
                                       f"of every image (train.refit_epochs); default: the config's folds, "
                                       f"then {REFIT!r} when refit_epochs > 0"))
+    if model not in cfg.ensemble.models and not args.folds:
+        # `make submission` runs 02-04 whatever the config: a model 05 and 06 never read costs its
+        # training for nothing (configs/cpu.yaml leaves YOLOX out)
+        log.info("%s is not in ensemble.models %s of %s: 05 and 06 do not use it, nothing to train "
+                 "(name it there, or pass --folds, to train it)", model, list(cfg.ensemble.models), cfg.name)
+        return 0
     try:
         train_model(cfg, paths, model, folds=parse_runs(args.folds), force=args.force)
     except FileNotFoundError as e:  # a missing input (01 not run, pseudo-labels, LIVECell): its message says which
