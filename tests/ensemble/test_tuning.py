@@ -82,6 +82,16 @@ def test_vote_weights_follow_the_reliable_model():
     assert acc == 1.0 and weights["yolox"] > weights["upernet"]
 
 
+def test_vote_weights_without_a_voter_keep_the_start(caplog):
+    # a class-agnostic Mask R-CNN alone, no classifier: no image has a vote (05 crashed here)
+    truth = {"i0": truth_of("cort"), "i1": truth_of(CELL_TYPES[0])}
+    start = {"yolox": 1.0, "maskrcnn": 0.5, "upernet": 1.0, "image": 1.0}
+    with caplog.at_level("WARNING", logger="neuroseg"):
+        weights, acc = tune_vote_weights({"i0": {}, "i1": {}}, truth, start)
+    assert weights == start and acc == 0.5  # every image typed CELL_TYPES[0]: one of two right
+    assert "no cell-type voter" in caplog.text
+
+
 def test_the_image_classifier_joins_the_vote_and_single_models_keep_theirs(tuned):
     oof, truth, _, _, _ = tuned
     ids = sorted(truth)
@@ -373,6 +383,31 @@ def test_05_leaves_the_classifier_out_when_a_fold_lacks_a_cell_type(tmp_path, ca
     with caplog.at_level("WARNING", logger="neuroseg"):
         assert fit_cell_type_classifier(paths, types, {i: int(i.startswith("astro")) for i in ids}) == (None, None)
     assert "left out: the images outside fold 0 have no ['cort', 'shsy5y']" in caplog.text
+
+
+def test_05_classifier_learns_from_every_labelled_image_when_one_fold_was_trained(tmp_path):
+    from conftest import write_kaggle_dir
+
+    from neuroseg.ensemble.celltype import fit_cell_type_classifier
+    from neuroseg.paths import Paths
+    from neuroseg.pipeline.tune_ensemble import labelled_folds
+
+    rng = np.random.default_rng(0)
+    ids = [f"{t}{k}" for t in CELL_TYPES for k in range(3)]
+    write_kaggle_dir(tmp_path / "data", {i: (i[:-1], rng.integers(0, 255, (H, W), dtype=np.uint8),
+                                             np.array([ellipse_in(CELLS[0])])) for i in ids})
+    paths = Paths(tmp_path / "data", tmp_path / "out")
+    types = {i: i[:-1] for i in ids}
+    oof_fold = {i: 0 for i in ids if i.endswith("0")}  # configs/reference.yaml: fold 0 trained alone
+    # the OOF images alone: fold 0 has no other fold to learn from
+    assert fit_cell_type_classifier(paths, types, oof_fold) == (None, None)
+    paths.folds_csv.parent.mkdir(parents=True)
+    paths.folds_csv.write_text("id,fold\n" + "".join(f"{i},{int(i[-1])}\n" for i in ids) + "gone,1\n")
+    folds = labelled_folds(paths, oof_fold, {i: truth_of(t) for i, t in types.items()})
+    assert folds == {i: int(i[-1]) for i in ids}  # "gone" is not in train.csv's truth
+    clf, probs = fit_cell_type_classifier(paths, types, folds)
+    assert clf is not None and set(probs) == set(ids)
+    assert labelled_folds(Paths(tmp_path / "data", tmp_path / "none"), oof_fold, {}) == oof_fold
 
 
 def test_ensemble_rows_without_upernet_instances_are_shared_whatever_upernet_params(tuned):

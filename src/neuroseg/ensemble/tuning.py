@@ -426,6 +426,10 @@ def tune_vote_weights(votes: Mapping[str, Mapping[str, np.ndarray]], truth: Mapp
 
     best = {m: float(start.get(m, 1.0)) for m in ens.VOTERS}
     best_acc = accuracy(best)
+    if not models:  # no voter (a class-agnostic Mask R-CNN alone, no classifier): nothing to weigh
+        log.warning("no cell-type voter: every image takes the parameters of %r (a class-agnostic Mask R-CNN "
+                    "needs another voter: ensemble.cell_type_classifier or UPerNet)", CELL_TYPES[0])
+        return best, best_acc
     for combo in np.array(np.meshgrid(*[VOTE_GRID] * len(models))).reshape(len(models), -1).T:
         if not combo.any():
             continue
