@@ -6,7 +6,8 @@
         --run "cpu ensemble + refit=/work/runs/acc-cpu4-refit" --base /work/runs/acc-cpu4-refit=/work/runs/acc-cpu4 \\
         --point "reference=22.0:0.1617:BENCHMARKS.md 2026-12-02"
 
-``--run SERIES=DIR[:METHOD]``: METHOD is the submission scored (``ensemble``, the default, or a
+``--run SERIES=DIR[:METHOD]``: DIR is a run's out dir or its ``accuracy.json`` itself (the
+protocol runs' copies are kept in ``docs/runs/``: run dirs do not outlive a session). METHOD is the submission scored (``ensemble``, the default, or a
 single model's ``06 --only``). The budget is the wall time of the steps that trained it (02-04
 for the ensemble, the model's own step for one model: training plus each fold's OOF pass) on
 the quiet 2-core box, as issue 14 states budgets; the table gives their CPU time beside it. ``--base DIR=BASE``: DIR is a copy of BASE's run whose folds were reused (only a
@@ -25,10 +26,16 @@ from pathlib import Path
 TRAIN_STEPS = {"yolox": ("02",), "maskrcnn": ("03",), "upernet": ("04",), "ensemble": ("02", "03", "04")}
 
 
+def accuracy_json(run: str | Path) -> Path:
+    """A run's accuracy.json: ``run`` is the file itself or the out dir holding it."""
+    path = Path(run)
+    return path if path.suffix == ".json" else path / "accuracy.json"
+
+
 def train_times(run_dir: str | Path, method: str) -> dict[str, float]:
     """Wall and CPU minutes of the steps that trained what ``method`` scores (one model's step,
     or 02-04 for the ensemble), from a run's accuracy.json."""
-    steps = json.loads((Path(run_dir) / "accuracy.json").read_text())["steps"]
+    steps = json.loads(accuracy_json(run_dir).read_text())["steps"]
     return {k: sum(steps[s][f"{k}_s"] for s in TRAIN_STEPS[method] if s in steps) / 60 for k in ("wall", "cpu")}
 
 
@@ -37,7 +44,7 @@ def read_point(spec: str, bases: dict[str, str]) -> dict:
     if not rest:
         raise SystemExit(f"--run {spec!r}: expected SERIES=DIR[:METHOD]")
     run_dir, _, method = rest.partition(":")
-    path = Path(run_dir) / "accuracy.json"
+    path = accuracy_json(run_dir)
     if not path.is_file():
         raise SystemExit(f"--run {spec!r}: {path} not found (bench/bench_accuracy.py writes it)")
     result = json.loads(path.read_text())
