@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from neuroseg import config, models
 from neuroseg.data.records import load_image  # noqa: E402
 from neuroseg.ensemble import fusion  # noqa: E402
-from neuroseg.inference.fold_models import FoldEnsemble, image_files, load_fold_models  # noqa: E402
+from neuroseg.inference.fold_models import FoldEnsemble, image_files, load_trained_models  # noqa: E402
 from neuroseg.inference.predict import load_params  # noqa: E402
 from neuroseg.paths import MODEL_NAMES, Paths  # noqa: E402
 from neuroseg.structures.label_image import label_to_rles  # noqa: E402
@@ -90,7 +90,7 @@ def instrument(model: torch.nn.Module, key: str, acc: dict[str, np.ndarray], dev
 
 def fold_models(cfg: config.Config, paths: Paths, device: torch.device) -> tuple[dict, str]:
     try:
-        return load_fold_models(cfg, paths, MODEL_NAMES, device), f"trained checkpoints in {paths.output_dir}"
+        return load_trained_models(cfg, paths, MODEL_NAMES, device), f"trained checkpoints in {paths.output_dir}"
     except FileNotFoundError:
         out = {}
         for name in MODEL_NAMES:

@@ -16,7 +16,7 @@ from predict_stubs import StubDetector, StubSegmenter, asymmetric_image, bright_
 
 from neuroseg.config import CELL_TYPES
 from neuroseg.inference import tta
-from neuroseg.inference.fold_models import FoldEnsemble, iter_predictions, load_fold_models
+from neuroseg.inference.fold_models import FoldEnsemble, iter_predictions, load_trained_models
 from neuroseg.inference.measurements import MEASUREMENT_COLUMNS
 from neuroseg.paths import Paths
 
@@ -155,7 +155,7 @@ def test_missing_checkpoints_are_named_with_the_script(tmp_path):
 
     cfg = config.load(None, ["folds.n_folds=2"])
     with pytest.raises(FileNotFoundError) as e:
-        load_fold_models(cfg, Paths(tmp_path, tmp_path / "out"), ["maskrcnn"], torch.device("cpu"))
+        load_trained_models(cfg, Paths(tmp_path, tmp_path / "out"), ["maskrcnn"], torch.device("cpu"))
     msg = str(e.value)
     assert "fold0/best.pt" in msg and "fold1/best.pt" in msg and "03_train_maskrcnn.py" in msg
 

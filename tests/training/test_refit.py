@@ -77,17 +77,17 @@ def test_inference_loads_the_refit_model_where_there_is_one(paths, monkeypatch):
     cfg = T.toy_config("upernet.train.refit_epochs=1")
     train_folds.train_model(cfg, paths, "upernet", folds=(0, 1))
     with pytest.raises(FileNotFoundError, match=r"(?s)1 checkpoint\(s\) missing.*upernet/refit/best.pt"):
-        fold_models.load_fold_models(cfg, paths, ["upernet"], torch.device("cpu"), runs=fold_models.inference_runs)
+        fold_models.load_trained_models(cfg, paths, ["upernet"], torch.device("cpu"), runs=fold_models.inference_runs)
     train_folds.train_model(cfg, paths, "upernet")
     monkeypatch.setattr(fold_models.checkpoint, "load_for_inference", lambda path, *a: path)
     device = torch.device("cpu")
-    assert fold_models.load_fold_models(cfg, paths, ["upernet"], device, runs=fold_models.inference_runs) == {
+    assert fold_models.load_trained_models(cfg, paths, ["upernet"], device, runs=fold_models.inference_runs) == {
         "upernet": [paths.best_checkpoint("upernet", REFIT)]}
     # the OOF models (05) stay the folds; without refit_epochs inference uses them too
     folds = [paths.best_checkpoint("upernet", f) for f in (0, 1)]
-    assert fold_models.load_fold_models(cfg, paths, ["upernet"], device) == {"upernet": folds}
+    assert fold_models.load_trained_models(cfg, paths, ["upernet"], device) == {"upernet": folds}
     plain = T.toy_config()
-    assert fold_models.load_fold_models(plain, paths, ["upernet"], device, runs=fold_models.inference_runs) == {
+    assert fold_models.load_trained_models(plain, paths, ["upernet"], device, runs=fold_models.inference_runs) == {
         "upernet": folds}
 
 

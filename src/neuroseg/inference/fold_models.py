@@ -44,7 +44,7 @@ def inference_runs(cfg: Config, model_name: str) -> tuple[int | str, ...]:
     return (REFIT,) if getattr(cfg, model_name).train.refit_epochs > 0 else cfg.fold_ids
 
 
-def load_fold_models(cfg: Config, paths: Paths, model_names: Sequence[str], device: torch.device,
+def load_trained_models(cfg: Config, paths: Paths, model_names: Sequence[str], device: torch.device,
                      runs: Callable[[Config, str], Sequence[int | str]] | None = None
                      ) -> dict[str, list[nn.Module]]:
     """``{model: [models]}``: each model's ``best.pt`` of every fold in ``cfg.fold_ids`` (the OOF
@@ -84,7 +84,7 @@ class FoldEnsemble:
     def from_checkpoints(cls, cfg: Config, paths: Paths, model_names: Sequence[str] = MODEL_NAMES,
                          device: torch.device | None = None) -> "FoldEnsemble":
         device = device or distributed.resolve_device(cfg.device)
-        models = load_fold_models(cfg, paths, model_names, device, runs=inference_runs)
+        models = load_trained_models(cfg, paths, model_names, device, runs=inference_runs)
         amp = all(getattr(cfg, n).train.amp for n in model_names)
         return cls(models, cfg.data.train_scale, cfg.submission.tta_flips, device, amp)
 

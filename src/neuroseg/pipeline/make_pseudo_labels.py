@@ -111,12 +111,12 @@ def fold_ensembles(cfg: Config, paths: Paths) -> dict:
     """``{fold: FoldEnsemble of that fold's models}`` with ``pseudo.per_fold``, else
     ``{None: FoldEnsemble of the models 06 predicts with}`` (every fold, or a refit model);
     each model's ``best.pt`` is loaded once."""
-    from neuroseg.inference.fold_models import FoldEnsemble, inference_runs, load_fold_models
+    from neuroseg.inference.fold_models import FoldEnsemble, inference_runs, load_trained_models
     from neuroseg.utils.distributed import resolve_device
 
     device = resolve_device(cfg.device)
     names = tuple(cfg.ensemble.models)
-    models = load_fold_models(cfg, paths, names, device, runs=None if cfg.pseudo.per_fold else inference_runs)
+    models = load_trained_models(cfg, paths, names, device, runs=None if cfg.pseudo.per_fold else inference_runs)
     amp = all(getattr(cfg, n).train.amp for n in names)
     common = dict(scale=cfg.data.train_scale, tta_flips=cfg.submission.tta_flips, device=device, amp=amp)
     if not cfg.pseudo.per_fold:
