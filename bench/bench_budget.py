@@ -7,13 +7,14 @@
         --point "reference=22.0:0.1617:BENCHMARKS.md 2026-12-02"
 
 ``--run SERIES=DIR[:METHOD]``: DIR is a run's out dir or its ``accuracy.json`` itself (the
-protocol runs' copies are kept in ``docs/runs/``: run dirs do not outlive a session). METHOD is the submission scored (``ensemble``, the default, or a
-single model's ``06 --only``). The budget is the wall time of the steps that trained it (02-04
-for the ensemble, the model's own step for one model: training plus each fold's OOF pass) on
-the quiet 2-core box, as issue 14 states budgets; the table gives their CPU time beside it. ``--base DIR=BASE``: DIR is a copy of BASE's run whose folds were reused (only a
-refit model trained), so BASE's 02-04 times are added to DIR's. ``--point
-SERIES=TRAIN_WALL_MIN:SCORE:SOURCE``: a recorded figure whose run directory is gone, plotted
-hollow and named with its source in the table.
+protocol runs' copies are kept in ``docs/runs/``: run dirs do not outlive a session). METHOD is
+the submission scored (``ensemble``, the default, or a single model's ``06 --only``). The budget
+is the wall time of the steps that trained it (02-04 for the ensemble, the model's own step for
+one model: training plus each fold's OOF pass) on the quiet 2-core box, as issue 14 states
+budgets; the table gives their CPU time beside it. ``--base DIR=BASE``: DIR is a copy of BASE's
+run whose folds were reused (only a refit model trained), so BASE's 02-04 times are added to
+DIR's. ``--point SERIES=TRAIN_WALL_MIN:SCORE:SOURCE``: a recorded figure whose run directory is
+gone, plotted hollow and named with its source in the table.
 """
 
 from __future__ import annotations

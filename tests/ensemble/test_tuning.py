@@ -390,6 +390,9 @@ def test_05_classifier_learns_from_every_labelled_image_when_one_fold_was_traine
 
     from neuroseg.ensemble.celltype import fit_cell_type_classifier
     from neuroseg.paths import Paths
+    import pandas as pd
+
+    from neuroseg.data.pseudo_labels import holdout_ids
     from neuroseg.pipeline.tune_ensemble import labelled_folds
 
     rng = np.random.default_rng(0)
@@ -402,12 +405,19 @@ def test_05_classifier_learns_from_every_labelled_image_when_one_fold_was_traine
     # the OOF images alone: fold 0 has no other fold to learn from
     assert fit_cell_type_classifier(paths, types, oof_fold) == (None, None)
     paths.folds_csv.parent.mkdir(parents=True)
-    paths.folds_csv.write_text("id,fold\n" + "".join(f"{i},{int(i[-1])}\n" for i in ids) + "gone,1\n")
-    folds = labelled_folds(paths, oof_fold, {i: truth_of(t) for i, t in types.items()})
+    paths.folds_csv.write_text("id,fold,cell_type\n" + "".join(f"{i},{int(i[-1])},{i[:-1]}\n" for i in ids)
+                               + "gone,1,cort\n")
+    truth = {i: truth_of(t) for i, t in types.items()}
+    folds = labelled_folds(config.from_dict({}), paths, oof_fold, truth)
     assert folds == {i: int(i[-1]) for i in ids}  # "gone" is not in train.csv's truth
     clf, probs = fit_cell_type_classifier(paths, types, folds)
     assert clf is not None and set(probs) == set(ids)
-    assert labelled_folds(Paths(tmp_path / "data", tmp_path / "none"), oof_fold, {}) == oof_fold
+    assert labelled_folds(config.from_dict({}), Paths(tmp_path / "data", tmp_path / "none"), oof_fold, {}) == oof_fold
+    # images held out as unlabelled (pseudo.holdout_fraction) stay out of the classifier too
+    holdout = config.from_dict({"pseudo": {"holdout_fraction": 0.4}})
+    held = holdout_ids(holdout, pd.read_csv(paths.folds_csv, dtype=str, keep_default_na=False))
+    oof_kept = {i: f for i, f in oof_fold.items() if i not in held}  # training leaves them out too
+    assert held and set(labelled_folds(holdout, paths, oof_kept, truth)) == set(ids) - held
 
 
 def test_ensemble_rows_without_upernet_instances_are_shared_whatever_upernet_params(tuned):

@@ -144,10 +144,11 @@ def out_of_fold_probs(features: np.ndarray, cell_types: Sequence[str], folds: Se
 
 def fit_cell_type_classifier(paths: Paths, cell_type_of: Mapping[str, str], fold_of: Mapping[str, int]
                              ) -> tuple[CellTypeClassifier | None, dict[str, np.ndarray] | None]:
-    """The image-statistics cell-type classifier: out-of-fold probabilities of the OOF images
-    (each from the fit on the other folds, the models' own fold split) for the tuning, and the
-    fit on all of them for the test images. (None, None) when some fold's training images lack a
-    cell type: the classifier could never answer it there."""
+    """The image-statistics cell-type classifier: out-of-fold probabilities of the images of
+    ``fold_of`` (each from the fit on the other folds, the models' own fold split; 05 passes every
+    labelled image, ``tune_ensemble.labelled_folds``) for the tuning, and the fit on all of them
+    for the test images. (None, None) when some fold's training images lack a cell type: the
+    classifier could never answer it there."""
     from neuroseg.data.records import load_image
     from neuroseg.utils.progress import Progress
 

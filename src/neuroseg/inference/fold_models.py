@@ -45,8 +45,8 @@ def inference_runs(cfg: Config, model_name: str) -> tuple[int | str, ...]:
 
 
 def load_trained_models(cfg: Config, paths: Paths, model_names: Sequence[str], device: torch.device,
-                     runs: Callable[[Config, str], Sequence[int | str]] | None = None
-                     ) -> dict[str, list[nn.Module]]:
+                        runs: Callable[[Config, str], Sequence[int | str]] | None = None
+                        ) -> dict[str, list[nn.Module]]:
     """``{model: [models]}``: each model's ``best.pt`` of every fold in ``cfg.fold_ids`` (the OOF
     models), or with ``runs=inference_runs`` of the runs that predict new images (the refit model
     where there is one). Every checkpoint must exist."""

@@ -132,16 +132,21 @@ def _tuning_inputs(cfg: Config, paths: Paths, manifests: Mapping[str, Mapping[in
     return oof_by_model, truth, mask_fns
 
 
-def labelled_folds(paths: Paths, fold_of: Mapping[str, int], truth: Mapping[str, Truth]) -> dict[str, int]:
+def labelled_folds(cfg: Config, paths: Paths, fold_of: Mapping[str, int], truth: Mapping[str, Truth]
+                   ) -> dict[str, int]:
     """Every labelled image's fold (``folds.csv``), the OOF images' from their cache: the cell-type
     classifier learns from all of them, so where only some folds were trained (``folds.train_folds``,
-    e.g. configs/reference.yaml's one) it still has the other folds' images to learn from."""
+    e.g. configs/reference.yaml's one) it still has the other folds' images to learn from. Images
+    held out as unlabelled (``pseudo.holdout_fraction``) stay out, as they do of training."""
     import pandas as pd
+
+    from neuroseg.data.pseudo_labels import holdout_ids
 
     folds: dict[str, int] = {}
     if paths.folds_csv.is_file():
-        table = pd.read_csv(paths.folds_csv, dtype={"id": str})
-        folds = {i: int(f) for i, f in zip(table["id"], table["fold"]) if i in truth}
+        table = pd.read_csv(paths.folds_csv, dtype=str, keep_default_na=False)
+        held = holdout_ids(cfg, table)
+        folds = {i: int(f) for i, f in zip(table["id"], table["fold"]) if i in truth and i not in held}
     return {**folds, **fold_of}
 
 
@@ -271,7 +276,7 @@ def run_ensemble(cfg: Config, paths: Paths, force: bool = False) -> Path:
              cfg.ensemble.tune_trials)
     fold_of = next(iter(oof_by_model.values())).fold_of
     classifier, type_probs = (fit_cell_type_classifier(
-        paths, {i: t.cell_type for i, t in truth.items()}, labelled_folds(paths, fold_of, truth))
+        paths, {i: t.cell_type for i, t in truth.items()}, labelled_folds(cfg, paths, fold_of, truth))
                               if cfg.ensemble.cell_type_classifier else (None, None))
     memo = TuningMemo.for_config(cfg)  # score rows and masks, shared with the cross-validated tunings
     used = {i: truth[i] for i in tunable_ids(oof_by_model, truth)}
