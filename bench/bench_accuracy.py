@@ -9,11 +9,17 @@ The test images never touch training or tuning: they are the train part's ``test
 only 06 reads (``neuroseg.data.holdout``). Steps run as the user runs them (the numbered scripts,
 one process each, default threads), resuming from their caches when rerun. Writes
 ``OUT/accuracy.json`` and ``OUT/accuracy.md``.
+
+A rerun into the same OUT with the same config and overrides (after a crash or a kill) adds each
+step's new time to the time of its earlier completed runs (``OUT/step_times.json``): a step that
+only found its cache still counts what computing it cost, and ``runs`` says how many invocations
+the figure sums. A step killed before it completed is not counted.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import subprocess
 import sys
@@ -48,6 +54,23 @@ def run_step(name: str, argv: list[str], log_path: Path) -> dict[str, float]:
     return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
 
 
+def record_step(ledger: Path, fingerprint: str, name: str, times: dict[str, float]) -> dict[str, float]:
+    """Add one completed run of step ``name`` to the ledger and return the step's sums over every
+    completed run of this ``fingerprint`` (config + overrides); another fingerprint starts over."""
+    book = json.loads(ledger.read_text()) if ledger.is_file() else {}
+    if book.get("fingerprint") != fingerprint:
+        book = {"fingerprint": fingerprint, "steps": {}}
+    old = book["steps"].get(name, {"wall_s": 0.0, "cpu_s": 0.0, "runs": 0})
+    new = {k: round(old[k] + times[k], 1) for k in ("wall_s", "cpu_s")}
+    new["runs"] = old["runs"] + 1
+    book["steps"][name] = new
+    atomic_write_json(ledger, book)
+    if new["runs"] > 1:
+        print(f"{name}: {new['wall_s']:.0f} s wall over {new['runs']} runs (earlier ones did the work this one "
+              f"resumed from)", flush=True)
+    return new
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
@@ -68,16 +91,22 @@ def main() -> int:
     common = ["--config", args.config, "--data-dir", str(data), "--output-dir", str(out / "run"),
               *(a for kv in args.overrides for a in ("--set", kv))]
     log_path = out / "steps.log"
-    steps: dict[str, dict[str, float]] = {"01": run_step("01", ["01_preprocess.py", *common], log_path)}
+    fingerprint = json.dumps({"config": args.config, "overrides": args.overrides, "data_dir": args.data_dir,
+                              "n_test": args.n_test, "seed": args.seed}, sort_keys=True)
+    steps: dict[str, dict[str, float]] = {}
+
+    def step(name: str, argv: list[str]) -> None:
+        steps[name] = record_step(out / "step_times.json", fingerprint, name, run_step(name, argv, log_path))
+
+    step("01", ["01_preprocess.py", *common])
     for model in cfg.ensemble.models:
-        steps[SCRIPTS[model][:2]] = run_step(SCRIPTS[model][:2], [SCRIPTS[model], *common], log_path)
-    steps["05"] = run_step("05", ["05_ensemble.py", *common], log_path)
-    steps["06"] = run_step("06", ["06_make_submission.py", *common], log_path)
+        step(SCRIPTS[model][:2], [SCRIPTS[model], *common])
+    step("05", ["05_ensemble.py", *common])
+    step("06", ["06_make_submission.py", *common])
     scores = {"ensemble": score_files(truth, out / "run" / "submission.csv")}
     for model in ("maskrcnn", "upernet"):
         if model in cfg.ensemble.models:
-            steps[f"06 --only {model}"] = run_step(f"06 --only {model}", ["06_make_submission.py", *common,
-                                                                          "--only", model], log_path)
+            step(f"06 --only {model}", ["06_make_submission.py", *common, "--only", model])
             scores[model] = score_files(truth, out / "run" / f"submission_{model}.csv")
     result = {"config": args.config, "overrides": args.overrides, "data_dir": args.data_dir,
               "n_train": len(split.train_ids), "n_test": len(split.test_ids), "seed": args.seed,
@@ -85,6 +114,8 @@ def main() -> int:
               "scores": {k: {"overall": s.score, **s.per_cell_type} for k, s in scores.items()},
               "steps": steps,
               "total": {k: round(sum(s[k] for s in steps.values()), 1) for k in ("wall_s", "cpu_s")}}
+    if any(s["runs"] > 1 for s in steps.values()):
+        result["note"] = "resumed: a step's times sum its completed runs (step_times.json)"
     atomic_write_json(out / "accuracy.json", result)
     lines = [f"# Out-of-sample accuracy: {args.config} {' '.join(args.overrides)}", "",
              f"{result['n_train']} train / {result['n_test']} test images of {args.data_dir} (seed {args.seed}), "
