@@ -129,6 +129,26 @@ def test_untyped_boxes_of_a_class_agnostic_model_do_not_vote():
     assert "maskrcnn" in type_votes(empty) and len(single_model(empty, "maskrcnn", EnsembleParams.defaults()).scores) == 0
 
 
+def test_mask_rcnn_alone_without_pass_masks_masks_only_boxes_above_its_score_threshold():
+    """06 --only maskrcnn: the detection pass skips the mask head, and ``mask_fn`` masks only the
+    boxes the score threshold keeps -- the same instances as painting the pass's own masks."""
+    scores = [0.9, 0.2, 0.7, 0.1]  # two of the four under the default threshold 0.3
+    m = boxset(CELLS, scores, 2)
+    own = ImagePredictions("a", H, W, maskrcnn=[m], maskrcnn_mask_probs=[ellipse_mask_fn()(m.boxes, m.labels)])
+    bare = dataclasses.replace(own, maskrcnn_mask_probs=[])
+    params = EnsembleParams.defaults()
+    assert params.maskrcnn["astro"].score_threshold == 0.3
+    head = ellipse_mask_fn()
+    with_own, with_head = single_model(own, "maskrcnn", params), single_model(bare, "maskrcnn", params, head)
+    assert np.array_equal(with_own.label, with_head.label) and with_own.label.max() == 2
+    np.testing.assert_allclose(with_head.scores, [0.9, 0.7])
+    (asked, labels), = head.calls  # one call, on the two kept boxes with the pass's own labels
+    np.testing.assert_array_equal(asked, m.boxes[[0, 2]])
+    np.testing.assert_array_equal(labels, [2, 2])
+    with pytest.raises(ValueError, match="without masks need a mask_fn"):
+        single_model(bare, "maskrcnn", params)
+
+
 def test_cell_type_probability_is_the_normalised_weighted_vote():
     votes = {"maskrcnn": np.array([0.0, 1.0, 0.0]), "upernet": np.array([0.5, 0.5, 0.0])}
     # (1 x (0, 1, 0) + 2 x (0.5, 0.5, 0)) / 3

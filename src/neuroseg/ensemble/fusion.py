@@ -351,8 +351,10 @@ def single_model(pred: ImagePredictions, model: str, params: EnsembleParams,
     """One model alone with its own tuned post-processing; the cell type is that model's vote
     (:func:`own_vote`: the image classifier's for a class-agnostic Mask R-CNN).
 
-    Mask R-CNN with one pass uses its own masks; with several passes (folds/TTA) its boxes are
-    fused by WBF and masked by ``mask_fn`` (required then), without YOLOX or UPerNet."""
+    Mask R-CNN with one pass uses its own masks when the pass has them (the OOF cache), else
+    ``mask_fn`` on its boxes; with several passes (folds/TTA) its boxes are fused by WBF and masked
+    by ``mask_fn``, without YOLOX or UPerNet. Either way only boxes at or above the score
+    threshold are masked."""
     if model not in SINGLE_MODELS:
         raise ValueError(f"single_model: unknown model {model!r}; valid: {list(SINGLE_MODELS)}")
     if not (pred.maskrcnn if model == "maskrcnn" else pred.upernet_probs is not None):
@@ -362,15 +364,22 @@ def single_model(pred: ImagePredictions, model: str, params: EnsembleParams,
         label, scores = upernet_alone(pred.upernet_probs, params.upernet[cell_type])
         return FusedResult(label, scores, cell_type, prob)
     mp = params.maskrcnn[cell_type]
-    if len(pred.maskrcnn) == 1:
+    if len(pred.maskrcnn) == 1 and pred.maskrcnn_mask_probs:  # the OOF cache: the pass's own masks
         p = pred.maskrcnn[0]
         label, scores = maskrcnn_alone(p.boxes, p.scores, pred.maskrcnn_mask_probs[0], mp, pred.shape)
         return FusedResult(label, scores, cell_type, prob)
     if mask_fn is None:
-        raise ValueError(f"image {pred.image_id}: {len(pred.maskrcnn)} Mask R-CNN passes need a mask_fn "
-                         f"to mask their fused boxes")
-    tp = TypeParams(yolox_weight=0.0, maskrcnn_weight=1.0, upernet_weight=0.0)
-    boxes, scores = fuse_boxes(pred, tp)
-    labels = np.full(len(boxes), CELL_TYPES.index(cell_type) + 1, dtype=np.int64)
+        raise ValueError(f"image {pred.image_id}: {len(pred.maskrcnn)} Mask R-CNN pass(es) without masks need a "
+                         f"mask_fn to mask their boxes")
+    if len(pred.maskrcnn) == 1:  # a detection pass that skipped the mask head: its own boxes and labels
+        p = pred.maskrcnn[0]
+        boxes, scores, labels = p.boxes, p.scores, p.labels
+    else:
+        boxes, scores = fuse_boxes(pred, TypeParams(yolox_weight=0.0, maskrcnn_weight=1.0, upernet_weight=0.0))
+        labels = np.full(len(boxes), CELL_TYPES.index(cell_type) + 1, dtype=np.int64)
+    # Mask R-CNN alone keeps its box scores (no rescoring): a box under the score threshold is never
+    # painted, so the mask head runs on the others only -- of up to 1000 detections an image
+    keep = np.flatnonzero(scores >= mp.score_threshold)
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
     label, scores = maskrcnn_alone(boxes, scores, mask_fn(boxes, labels), mp, pred.shape)
     return FusedResult(label, scores, cell_type, prob)

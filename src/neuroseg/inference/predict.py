@@ -65,13 +65,12 @@ def segment(images: Sequence[Path], folds: FoldEnsemble, params: fusion.Ensemble
     size go through overlapping tiles (``tiling.py``), the others whole."""
     from neuroseg.utils.progress import Progress
 
-    # the ensemble runs the mask heads on the boxes it keeps (reusing the detection pass's
-    # features); Mask R-CNN alone paints the masks of its own detections
-    masks = only is not None
+    # the detection passes skip the mask head (masks=False): the ensemble, and Mask R-CNN alone, run
+    # it on the boxes they keep, reusing the pass's features -- not on each of up to 1000 detections
     whole = None
     if tiling is not None:
         whole = lambda im: not tiling.applies(im.shape)  # noqa: E731
-    stream = iter_predictions(folds, images, batch_size, masks, failures, reader, whole)
+    stream = iter_predictions(folds, images, batch_size, masks=False, failures=failures, reader=reader, predict_if=whole)
 
     def fuse_one(pred, image, heads) -> fusion.FusedResult:
         # a model alone keeps its own type vote; the image classifier's serves an untyped one
@@ -79,7 +78,7 @@ def segment(images: Sequence[Path], folds: FoldEnsemble, params: fusion.Ensemble
         return fusion.fuse(pred, params, heads) if only is None else fusion.single_model(pred, only, params, heads)
 
     def segment_tiles(tiles: list[np.ndarray]) -> list[fusion.FusedResult]:  # tiles of one size
-        outs = folds.predict_with_heads(tiles, [f"tile{k}" for k in range(len(tiles))], masks)
+        outs = folds.predict_with_heads(tiles, [f"tile{k}" for k in range(len(tiles))], masks=False)
         return [fuse_one(pred, tile, heads) for tile, (pred, heads) in zip(tiles, outs)]
 
     for path, image, pred, heads in Progress(stream, "predict", total=len(images), unit="img", enabled=progress):
