@@ -510,9 +510,18 @@ def test_cpu_bf16_trains_in_bfloat16_where_the_cpu_has_it(paths, monkeypatch, ca
     model = models[0]  # the trained one (the OOF pass builds another)
     assert model.seen == [torch.bfloat16 if supported else torch.float32] * 4  # 2 epochs x 2 steps
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
-    assert ("no native bfloat16" in caplog.text) is not supported
+    assert ("has no AMX" in caplog.text) is not supported
     state = checkpoint.load(paths.best_checkpoint("upernet", 0))["model"]
     assert all(v.dtype != torch.bfloat16 for v in state.values())
+
+
+@pytest.mark.parametrize("onednn_bf16, amx, expected", [(True, True, True), (True, False, False),
+                                                        (False, True, False)])
+def test_cpu_bf16_only_with_amx(monkeypatch, onednn_bf16, amx, expected):
+    """AVX512-BF16 without AMX made training slower than fp32 (BENCHMARKS.md): bf16 needs both."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn_bf16)
+    monkeypatch.setattr(torch._C._cpu, "_init_amx", lambda: amx, raising=False)
+    assert loop.cpu_bf16_supported() is expected
     # off by default, and never on CUDA (float16 AMP there)
     assert loop.autocast_dtype(TrainConfig(), torch.device("cpu")) is None
     assert loop.autocast_dtype(TrainConfig(cpu_bf16=True, amp=False), torch.device("cuda")) is None
