@@ -36,10 +36,10 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     grad_clip: float = 10.0
     amp: bool = True  # float16 autocast, on CUDA only
-    # bfloat16 autocast for the training steps on a CPU that computes it natively (AMX or
-    # AVX512-BF16; fp32 elsewhere, with a warning): cpu.yaml's Mask R-CNN forward + backward 1.36x
-    # faster on the dev box, UPerNet's 1.05x (bench/bench_train_step.py). Weights, optimizer and
-    # inference stay fp32.
+    # bfloat16 autocast for the training steps on a CPU with AMX (fp32 elsewhere, with a warning:
+    # with AVX512-BF16 alone bf16 was slower than fp32): cpu.yaml's Mask R-CNN forward + backward
+    # 1.36x faster on an AMX dev box, UPerNet's 1.05x (bench/bench_train_step.py). Weights,
+    # optimizer and inference stay fp32.
     cpu_bf16: bool = False
     ema: bool = False
     ema_decay: float = 0.9998
