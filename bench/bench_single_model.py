@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     images = [(path.stem, load_image(path)) for path in image_files(args.images)[:args.n]]
     if not images:
         raise SystemExit(f"no PNG in {args.images}")
-    segment_one(folds, params, *images[0][::-1], every_detection=False)  # warm-up
+    first_id, first = images[0]
+    segment_one(folds, params, first, first_id, every_detection=False)  # warm-up
     times: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
     same, agreement = 0, []
     for image_id, image in images:
