@@ -37,7 +37,15 @@ from neuroseg import config as config_mod  # noqa: E402
 from neuroseg import models  # noqa: E402
 from neuroseg.data.datasets import InstanceDataset, collate, model_data_config, needs_masks  # noqa: E402
 from neuroseg.data.records import group_records, read_train_csv  # noqa: E402
-from neuroseg.training.loop import cpu_bf16_supported  # noqa: E402
+from neuroseg.training.loop import cpu_bf16_kernels, cpu_bf16_supported  # noqa: E402
+
+
+def forward_backward(model, images, targets, bf16: bool) -> None:
+    """One training step's forward and backward, under bf16 autocast or in fp32."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = sum(model(images, targets).values())
+    loss.backward()
 
 
 def median_seconds(fns: list, n: int) -> list[float]:
@@ -62,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     cfg = config_mod.load(args.config)
     records = group_records(read_train_csv(args.data_dir / "train.csv", args.data_dir / "train"))
-    bf16 = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    bf16 = cpu_bf16_kernels()
     print(f"{args.config}, {args.threads} threads, median of {args.steps}; oneDNN bf16: {bf16}; training "
           f"uses it (AMX): {cpu_bf16_supported()}\n")
     print("| model | fwd+bwd fp32 s | fwd+bwd bf16 s | ratio | AdamW step s | fused s | ratio |\n"
@@ -78,19 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         model = models.build(name, cfg).train()
         params = [p for p in model.parameters() if p.requires_grad]
 
-        def step(dtype):
-            def run():
-                model.zero_grad(set_to_none=True)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
-                    loss = sum(model(images, targets).values())
-                loss.backward()
-            return run
+        def step(low_precision: bool):
+            return lambda: forward_backward(model, images, targets, low_precision)
 
-        step(None)()  # warm-up, and gradients for the optimizer rows
+        step(False)()  # warm-up, and gradients for the optimizer rows
         if bf16:
-            fp32, low = median_seconds([step(None), step(torch.bfloat16)], args.steps)
+            fp32, low = median_seconds([step(False), step(True)], args.steps)
         else:
-            (fp32,), low = median_seconds([step(None)], args.steps), float("nan")
+            (fp32,), low = median_seconds([step(False)], args.steps), float("nan")
         plain = torch.optim.AdamW(params, lr=1e-6, foreach=False)
         fused = torch.optim.AdamW(params, lr=1e-6, fused=True)
         t_plain, t_fused = median_seconds([plain.step, fused.step], args.steps * 3)
@@ -120,10 +123,7 @@ def fresh_vs_trained(cfg, records, data_dir: Path, checkpoint: Path, n: int, bf1
         times = []
         for images, targets in batches:
             t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = sum(model(images, targets).values())
-            model.zero_grad(set_to_none=True)
-            loss.backward()
+            forward_backward(model, images, targets, bf16)
             times.append(time.perf_counter() - t0)
         hook.remove()
         print(f"| {tag} | {statistics.median(times):.2f} | {statistics.mean(rois):.0f} |")

@@ -513,6 +513,10 @@ def test_cpu_bf16_trains_in_bfloat16_where_the_cpu_has_it(paths, monkeypatch, ca
     assert ("has no AMX" in caplog.text) is not supported
     state = checkpoint.load(paths.best_checkpoint("upernet", 0))["model"]
     assert all(v.dtype != torch.bfloat16 for v in state.values())
+    # off by default, and never on CUDA (float16 AMP there)
+    assert loop.autocast_dtype(TrainConfig(), torch.device("cpu")) is None
+    assert loop.autocast_dtype(TrainConfig(cpu_bf16=True, amp=False), torch.device("cuda")) is None
+    assert loop.autocast_dtype(TrainConfig(cpu_bf16=True), torch.device("cuda")) == torch.float16
 
 
 @pytest.mark.parametrize("onednn_bf16, amx, expected", [(True, True, True), (True, False, False),
@@ -522,7 +526,3 @@ def test_cpu_bf16_only_with_amx(monkeypatch, onednn_bf16, amx, expected):
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn_bf16)
     monkeypatch.setattr(torch._C._cpu, "_init_amx", lambda: amx, raising=False)
     assert loop.cpu_bf16_supported() is expected
-    # off by default, and never on CUDA (float16 AMP there)
-    assert loop.autocast_dtype(TrainConfig(), torch.device("cpu")) is None
-    assert loop.autocast_dtype(TrainConfig(cpu_bf16=True, amp=False), torch.device("cuda")) is None
-    assert loop.autocast_dtype(TrainConfig(cpu_bf16=True), torch.device("cuda")) == torch.float16

@@ -144,12 +144,17 @@ def cpu_bf16_supported() -> bool:
     model: with AMX bf16 was 1.27x faster than fp32 for Mask R-CNN (1.11 s against 1.42, 2026-12-06);
     on a VM that hid AMX but kept AVX512-BF16, slower: Mask R-CNN 1.45 s against 1.29, UPerNet 0.20
     against 0.16 (2026-12-07)."""
-    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    if not cpu_bf16_kernels():
         return False
     init_amx = getattr(torch._C._cpu, "_init_amx", None)  # asks Linux for the AMX tile state
     if init_amx is not None:
         return bool(init_amx())
     return _cpuinfo_flag("amx_bf16")
+
+
+def cpu_bf16_kernels() -> bool:
+    """Whether oneDNN computes bfloat16 on this CPU at all (AVX512-BF16 or AMX), fast or not."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _cpuinfo_flag(flag: str) -> bool:
