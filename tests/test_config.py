@@ -64,6 +64,17 @@ def test_save_round_trip_and_hash(tmp_path):
     assert cfg.section_hash("maskrcnn") == other.section_hash("maskrcnn")
 
 
+def test_speed_only_settings_leave_the_hashes_alone():
+    """data.cache_decoded changes how fast samples come, not what they are: no cache, checkpoint
+    or params.json made without it turns stale when it is switched on."""
+    plain, kept = config.load(None), config.load(None, ["data.cache_decoded=true"])
+    assert kept.data.cache_decoded is True and plain != kept
+    assert kept.section_hash("ensemble", "data") == plain.section_hash("ensemble", "data")
+    assert kept.section_hash() == plain.section_hash()
+    assert "cache_decoded" not in kept.hashable_dict()["data"] and kept.to_dict()["data"]["cache_decoded"] is True
+    assert config.load(None, ["data.train_scale=0.5"]).section_hash("data") != plain.section_hash("data")
+
+
 @pytest.mark.parametrize("name", ["demo", "cpu", "kaggle", "reference"])
 def test_shipped_configs_load(name):
     cfg = config.load(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")

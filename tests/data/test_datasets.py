@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
+import albumentations as A
 import cv2
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from neuroseg.config import CELL_TYPES, AugmentConfig
 from neuroseg.data.datasets import (
     InferenceDataset,
     InstanceDataset,
+    build_augment,
     collate,
     model_data_config,
     needs_masks,
@@ -133,6 +136,64 @@ def test_random_crop_is_a_window_of_the_whole_sample(tiny_records_dir, tiny_reco
         InstanceDataset(tiny_records, tiny_records_dir / "train", augment=dataclasses.replace(NO_AUG, crop_size=-1))
 
 
+def test_the_window_is_cut_before_the_flips_and_after_the_scale_jitter(tiny_records_dir, tiny_records):
+    """The flips work on the window, not the whole image (cheaper, same distribution): a
+    flipped window is a window of the flipped image, its labels alike."""
+    first = build_augment(dataclasses.replace(NO_AUG, hflip=1.0, rotate90=1.0, crop_size=64)).transforms
+    assert [type(t) for t in first] == [A.RandomCrop, A.HorizontalFlip, A.RandomRotate90]
+    scaled = build_augment(dataclasses.replace(NO_AUG, hflip=1.0, scale_limit=0.2, crop_size=64)).transforms
+    assert [type(t) for t in scaled] == [A.Affine, A.RandomCrop, A.HorizontalFlip]
+    plain = InstanceDataset(tiny_records, tiny_records_dir / "train")
+    crop = InstanceDataset(tiny_records, tiny_records_dir / "train",
+                           augment=dataclasses.replace(NO_AUG, hflip=1.0, crop_size=64))
+    torch.manual_seed(0)
+    for i in range(len(plain)):
+        img0, t0 = plain[i]
+        img0, sem0, masks0 = img0.flip(-1), t0["semantic"].flip(-1), t0["masks"].flip(-1)
+        img1, t1 = crop[i]
+        hits = [(y, x) for y in range(128 - 63) for x in range(160 - 63)
+                if torch.equal(img0[..., y:y + 64, x:x + 64], img1)]
+        assert hits, "the sample is not a window of the flipped image"
+        y, x = hits[0]
+        assert torch.equal(t1["semantic"], sem0[y:y + 64, x:x + 64])
+        window = masks0[:, y:y + 64, x:x + 64]
+        assert torch.equal(t1["masks"], window[window.flatten(1).any(1)])
+
+
+def test_preloaded_images_give_the_same_samples_without_their_files(tmp_path, tiny_records_dir, tiny_records,
+                                                                    tiny_images):
+    """``preload`` (data.cache_decoded) decodes every image once: the samples equal those of a
+    dataset that reads the files per sample, under the same draws, and need no file after it."""
+    aug = AugmentConfig(hflip=0.5, vflip=0.5, rotate90=0.5, scale_limit=0.0, brightness_contrast=0.5, blur=0,
+                        crop_size=64)
+    images = tmp_path / "train"
+    shutil.copytree(tiny_records_dir / "train", images)
+    plain, kept = InstanceDataset(tiny_records, images, augment=aug), InstanceDataset(tiny_records, images, augment=aug)
+    held = kept.preload()
+    # per 128 x 160 image: the uint8 image, and uint16 label layers (as many as cells cover one
+    # pixel at most: 3 in the astro image, else 1) plus the semantic layer
+    layers = [int(tiny_images[r.image_id][2].sum(0).max()) for r in tiny_records]
+    assert sorted(layers) == [1, 1, 3]
+    assert held == sum(128 * 160 * (1 + 2 * (n + 1)) for n in layers)
+
+    def draws(ds):
+        out = []
+        for i in range(6):
+            torch.manual_seed(i)
+            out.append(ds[i % 3])
+        return out
+
+    before = draws(plain)
+    for f in images.glob("*.png"):
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match="image not found"):
+        plain[0]
+    for (img_a, t_a), (img_b, t_b) in zip(before, draws(kept), strict=True):
+        assert torch.equal(img_a, img_b)
+        assert sorted(t_a) == sorted(t_b)
+        assert all(t_a[k] == t_b[k] if k == "image_id" else torch.equal(t_a[k], t_b[k]) for k in t_a)
+
+
 def test_yolox_trains_on_whole_images_whatever_the_crop_size():
     """YOLOX letterboxes its input to input_size: a crop would be blown up to it in training and
     never seen at inference, so its training data ignores crop_size; the other models keep it."""
@@ -206,7 +267,7 @@ def test_a_box_only_models_samples_are_the_same_without_masks(tiny_records_dir, 
     full = InstanceDataset(tiny_records, tiny_records_dir / "train", augment=aug)
     boxes = InstanceDataset(tiny_records, tiny_records_dir / "train", augment=aug, masks=False)
     pairs = []
-    for i in range(6):
+    for i in range(12):
         torch.manual_seed(i)
         a = full[i % 3]
         torch.manual_seed(i)

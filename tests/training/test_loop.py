@@ -130,6 +130,24 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path):
     assert not T.same_weights(first, one_epoch("c", 2))
 
 
+def test_cache_decoded_trains_the_same_weights_and_keeps_a_fold_done(tmp_path, caplog):
+    """data.cache_decoded: the images are decoded once before the DataLoader's worker forks, and
+    training gives the same weights bit for bit; a fold trained without it stays done with it."""
+    def one_epoch(d, *over):
+        p = T.make_dataset(tmp_path / d, n_images=8)
+        run(T.toy_config("upernet.train.epochs=1", "upernet.train.num_workers=1", *over), p)
+        return p, T.weights(p.last_checkpoint("upernet", 0))
+
+    caplog.set_level(logging.INFO, logger="neuroseg")
+    p, plain = one_epoch("a")
+    assert "data.cache_decoded" not in caplog.text
+    _, kept = one_epoch("b", "data.cache_decoded=true")
+    assert "data.cache_decoded: 4 training images decoded" in caplog.text  # fold 0 of 8 images, 2 folds
+    assert T.same_weights(plain, kept)
+    again = run(T.toy_config("upernet.train.epochs=1", "upernet.train.num_workers=1", "data.cache_decoded=true"), p)
+    assert again["skipped"] is True
+
+
 def test_finished_fold_is_skipped_force_retrains_config_change_restarts(paths, caplog):
     cfg = T.toy_config("upernet.train.epochs=1")
     run(cfg, paths)

@@ -58,7 +58,7 @@ def fold_config_hash(cfg: Config, paths: Paths, model: str) -> str:
     section = dataclasses.replace(section, train=dataclasses.replace(section.train, num_workers=0))
     norm = dataclasses.replace(cfg, folds=dataclasses.replace(cfg.folds, train_folds=()),
                                **{model: section})
-    d = norm.to_dict()
+    d = norm.hashable_dict()  # without data.cache_decoded and the like
     del d[model]["train"]["refit_epochs"]  # absent, so hashes made before the key existed still match
     h = hashlib.sha256(json_hash({s: d[s] for s in (model, "data", "preprocess", "folds", "seed")}).encode())
     if paths.folds_csv.is_file():

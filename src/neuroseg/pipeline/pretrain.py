@@ -115,7 +115,7 @@ def config_hash(cfg: Config, model_name: str, index_files: list[Path]) -> str:
     section = getattr(cfg, model_name)
     section = dataclasses.replace(section, train=dataclasses.replace(
         section.train, num_workers=0, epochs=cfg.pretrain.epochs))
-    part = {"model": dataclasses.asdict(section), "data": dataclasses.asdict(cfg.data),
+    part = {"model": dataclasses.asdict(section), "data": cfg.hashable_dict()["data"],
             "border_width": cfg.preprocess.border_width, "border": cfg.preprocess.border, "seed": cfg.seed,
             "pretrain": dataclasses.asdict(dataclasses.replace(cfg.pretrain, enabled=False)),
             "index": [_index_stamp(p) for p in index_files]}

@@ -99,6 +99,11 @@ def build_datasets(cfg: Config, paths: Paths, train: list[ImageRecord], val: lis
                   border_width=cfg.preprocess.border_width, border_mode=cfg.preprocess.border, masks=masks)
     train_set = InstanceDataset(train, augment=cfg.data.augment, **common)
     val_set = InstanceDataset(val, augment=None, **common)
+    if cfg.data.cache_decoded:
+        t0 = time.perf_counter()
+        held = train_set.preload()
+        log.info("data.cache_decoded: %d training images decoded in %.1f s, %.0f MB held", len(train_set),
+                 time.perf_counter() - t0, held / 2**20)
     if cfg.pseudo.enabled:
         if fold is None:
             raise ValueError("build_datasets: pseudo.enabled needs the fold (its pseudo-labels)")
