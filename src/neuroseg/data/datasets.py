@@ -166,7 +166,7 @@ def _resize_labels(stack: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """One annotated image as :func:`sample_from_layers` takes it, at the original size."""
+    """One annotated image as :func:`sample_from_stack` takes it, at the original size."""
 
     image: np.ndarray  # uint8 (H, W)
     stack: np.ndarray  # uint16 (L + 1, H, W): pack_layers of the instances, then the semantic target
