@@ -73,6 +73,88 @@ def test_coordinate_search_spends_its_budget_on_the_costly_coordinates():
     assert len(seen) == 3
 
 
+def _rows_tuner(rows: dict[int, list[float]]):
+    """A tuner whose per-image scores at ``{"a": k}`` are ``rows[k]`` (one free column)."""
+    from neuroseg.ensemble.tuning import _Tuner
+
+    class Rows(_Tuner):
+        free_grid = [0.0]
+
+        def image_row(self, image_id, p):
+            return np.array([rows[p["a"]][int(image_id)]])
+
+    return Rows([str(k) for k in range(len(rows[0]))], {})
+
+
+def test_a_gain_one_lucky_image_explains_is_not_taken():
+    # a=1 lifts one image of four a lot (the best mean); a=2 lifts every image a little
+    rows = {0: [0.2, 0.2, 0.2, 0.2], 1: [0.9, 0.2, 0.2, 0.2], 2: [0.3, 0.3, 0.31, 0.29]}
+    tuner = _rows_tuner(rows)
+    assert tuner.objective({"a": 1}) == pytest.approx(0.375) and tuner.objective({"a": 2}) == pytest.approx(0.3)
+    # one image's gain: its mean is exactly one standard error, so any z >= 1 refuses it
+    assert not tuner.significant({"a": 1}, {"a": 0}, 1.5) and tuner.significant({"a": 2}, {"a": 0}, 1.5)
+    assert tuner.significant({"a": 1}, {"a": 0}, 0.5)
+    plain = coordinate_search({"a": [0, 1, 2]}, {"a": 0}, tuner.objective, 10, np.random.default_rng(0))
+    gated = coordinate_search({"a": [0, 1, 2]}, {"a": 0}, tuner.objective, 10, np.random.default_rng(0),
+                              accept=lambda new, old: tuner.significant(new, old, 1.5))
+    assert plain[0] == {"a": 1} and gated[0] == {"a": 2} and gated[1] == pytest.approx(0.3)
+    # a refusing gate keeps the start
+    assert coordinate_search({"a": [0, 1, 2]}, {"a": 0}, tuner.objective, 10, np.random.default_rng(0),
+                             accept=lambda new, old: False)[0] == {"a": 0}
+
+
+def test_ensemble_min_gain_se_gates_every_tuning(tuned, monkeypatch):
+    """The setting reaches the search of every method; a gate that refuses every step leaves each
+    at its start (only the free score threshold / minimum area still chosen), and 0 turns it off."""
+    from neuroseg.ensemble import tuning
+
+    oof, truth, mask_fns, _, _ = tuned
+    asked = []
+
+    def refuse(self, new, old, z):
+        asked.append((type(self).__name__, z))
+        return False
+
+    monkeypatch.setattr(tuning._Tuner, "significant", refuse)
+    cfg = config.from_dict({"ensemble": {"tune_trials": 25, "tune_seed": 0, "min_gain_se": 1.5,
+                                         "warm_start": False}})
+    params, report = tune_ensemble(oof, truth, cfg, mask_fns)
+    # (every method searches through tuning._tune; on the toy only the ensemble finds a better step)
+    assert "_EnsembleTuner" in {name for name, _ in asked}
+    assert {z for _, z in asked} == {1.5}
+    d = EnsembleParams()
+    for t in CELL_TYPES:
+        assert (params.maskrcnn[t].mask_threshold, params.maskrcnn[t].min_area) == \
+            (d.maskrcnn[t].mask_threshold, d.maskrcnn[t].min_area)
+        assert (params.upernet[t].interior_threshold, params.upernet[t].seed_threshold) == \
+            (d.upernet[t].interior_threshold, d.upernet[t].seed_threshold)
+        keep = ("score_threshold",)
+        assert {k: v for k, v in vars(params.ensemble[t]).items() if k not in keep} == \
+            {k: v for k, v in vars(d.ensemble[t]).items() if k not in keep}
+    asked.clear()
+    tune_ensemble(oof, truth, config.from_dict({"ensemble": {"tune_trials": 3, "min_gain_se": 0.0}}), mask_fns)
+    assert asked == []
+
+
+def test_warm_start_begins_the_ensemble_at_the_better_single_model(tuned):
+    """YOLOX's confident false positives sink the default start (both detectors weighted 1). With
+    one box-fusion setting allowed the search cannot leave that weighting; warm-started, it begins
+    at a single model's point (here UPerNet's own instances, the toy's best model: no YOLOX) and
+    scores at least what the better single model does."""
+    oof, truth, mask_fns, _, _ = tuned
+    runs = {}
+    for warm in (False, True):
+        cfg = config.from_dict({"ensemble": {"tune_trials": 1, "tune_seed": 0, "warm_start": warm}})
+        runs[warm] = tune_ensemble(oof, truth, cfg, mask_fns)
+    assert all(p.yolox_weight == 1.0 for p in runs[False][0].ensemble.values())
+    assert all(p.yolox_weight == 0.0 for p in runs[True][0].ensemble.values())
+    assert set(runs[True][1]["ensemble_start"]) == set(CELL_TYPES) and "ensemble_start" not in runs[False][1]
+    assert set(runs[True][1]["ensemble_start"].values()) <= {"maskrcnn", "upernet"}
+    summary = runs[True][1]["summary"]
+    assert summary["ensemble"]["overall"] > runs[False][1]["summary"]["ensemble"]["overall"]
+    assert summary["ensemble"]["overall"] >= max(summary["maskrcnn"]["overall"], summary["upernet"]["overall"])
+
+
 def test_vote_weights_follow_the_reliable_model():
     truth = {f"i{k}": truth_of(t) for k, t in enumerate(CELL_TYPES)}
     # YOLOX always right; UPerNet confidently wrong on two images, so the default equal vote errs
@@ -122,7 +204,10 @@ def tuned():
     truth = {i: truth_of(p.image_id[:-1]) for i, p in preds.items()}
     oof = {m: {i: as_oof(p)[m] for i, p in preds.items()} for m in ("yolox", "maskrcnn", "upernet")}
     mask_fns = {i: ellipse_mask_fn() for i in preds}
-    cfg = config.from_dict({"ensemble": {"tune_trials": 25, "tune_seed": 0}})
+    # the plain search from the defaults (no gate, no warm start): on two images a type the gate
+    # would refuse most steps, and these tests are about the search and its bookkeeping
+    cfg = config.from_dict({"ensemble": {"tune_trials": 25, "tune_seed": 0, "min_gain_se": 0.0,
+                                         "warm_start": False}})
     params, report = tune_ensemble(oof, truth, cfg, mask_fns)
     for fn in mask_fns.values():  # what the tuning asked, before other tests call fuse with them
         fn.tuning_calls = list(fn.calls)

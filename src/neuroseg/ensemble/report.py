@@ -156,6 +156,12 @@ def format_report(params: EnsembleParams, report: dict[str, Any], figures: list[
                      f"{p.max_overlap} | {p.upernet_instances} |")
     lines += ["", f"Evaluations used per type (at most {report.get('max_evaluations', '?')}; for the ensemble, at most "
               f"that many box-fusion settings): {report['evaluations']}", ""]
+    if report.get("min_gain_se"):
+        lines += [f"A search step was kept only if its mean gain over the images exceeded "
+                  f"{report['min_gain_se']} standard error(s) of the per-image gains (ensemble.min_gain_se).", ""]
+    if report.get("ensemble_start"):
+        lines += [f"The ensemble's search started per type at the best of its defaults and each single model's "
+                  f"point (ensemble.warm_start): {report['ensemble_start']}.", ""]
     lines += ["## Figures", "", "Overlays: ground truth outlines green, ensemble outlines red.", ""]
     for f in figures:
         lines += [f"{captions.get(f.name, f.stem)}:", "", f"![{f.stem}]({f.name})", ""]
