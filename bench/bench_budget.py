@@ -94,7 +94,7 @@ def main() -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.0, 4.4))
+    fig, ax = plt.subplots(figsize=(7.0, 6.4))
     for series in dict.fromkeys(p["series"] for p in points):
         pts = [p for p in points if p["series"] == series]
         (line,) = ax.plot([p["train_wall_min"] for p in pts], [p["overall"] for p in pts], "-", label=series)
@@ -105,7 +105,7 @@ def main() -> int:
     ax.set_ylabel("out-of-sample score (36 test images)")
     ax.set_title("score against training budget (hollow: recorded figure)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8)  # below the axes: inside, it hid points
     fig.tight_layout()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
