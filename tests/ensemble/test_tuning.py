@@ -91,7 +91,7 @@ def test_a_gain_one_lucky_image_explains_is_not_taken():
     rows = {0: [0.2, 0.2, 0.2, 0.2], 1: [0.9, 0.2, 0.2, 0.2], 2: [0.3, 0.3, 0.31, 0.29]}
     tuner = _rows_tuner(rows)
     assert tuner.objective({"a": 1}) == pytest.approx(0.375) and tuner.objective({"a": 2}) == pytest.approx(0.3)
-    # one image's gain: its mean is exactly one standard error, so any z >= 1 refuses it
+    # one image's gain: its mean is exactly one standard error, so any z above 1 refuses it
     assert not tuner.significant({"a": 1}, {"a": 0}, 1.5) and tuner.significant({"a": 2}, {"a": 0}, 1.5)
     assert tuner.significant({"a": 1}, {"a": 0}, 0.5)
     plain = coordinate_search({"a": [0, 1, 2]}, {"a": 0}, tuner.objective, 10, np.random.default_rng(0))
@@ -134,6 +134,9 @@ def test_ensemble_min_gain_se_gates_every_tuning(tuned, monkeypatch):
     asked.clear()
     tune_ensemble(oof, truth, config.from_dict({"ensemble": {"tune_trials": 3, "min_gain_se": 0.0}}), mask_fns)
     assert asked == []
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match=rf"ensemble.min_gain_se must be >= 0 \(0: no gate\), got {bad}"):
+            tune_ensemble(oof, truth, config.from_dict({"ensemble": {"min_gain_se": bad}}), mask_fns)
 
 
 def test_warm_start_begins_the_ensemble_at_the_better_single_model(tuned):
@@ -394,19 +397,23 @@ def test_tuning_processes_by_hand_and_a_negative_count_refused():
         tuning_processes(cfg(-2), 2)
 
 
-def test_the_05_script_refuses_a_negative_workers_count_in_one_line(tmp_path, tuned, capsys):
+def test_the_05_script_refuses_a_negative_workers_count_or_gate_in_one_line(tmp_path, tuned, capsys):
     import importlib.util
 
     paths = _toy_run(tmp_path, tuned)
     spec = importlib.util.spec_from_file_location("ensemble_05", "05_ensemble.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    code = script.main(["--data-dir", str(paths.data_dir), "--output-dir", str(paths.output_dir),
-                        "--set", "folds.n_folds=2", "--set", "ensemble.models=[yolox,upernet]",
-                        "--set", "ensemble.workers=-1"])
+    args = ["--data-dir", str(paths.data_dir), "--output-dir", str(paths.output_dir),
+            "--set", "folds.n_folds=2", "--set", "ensemble.models=[yolox,upernet]"]
+    code = script.main([*args, "--set", "ensemble.workers=-1"])
     err = capsys.readouterr().err
     assert code == 1 and "05_ensemble: ensemble.workers must be >= 0" in err and "Traceback" not in err
     assert not paths.ensemble_params.exists()
+    code = script.main([*args, "--set", "ensemble.min_gain_se=-0.5"])
+    err = capsys.readouterr().err
+    assert code == 1 and "05_ensemble: ensemble.min_gain_se must be >= 0 (0: no gate), got -0.5" in err
+    assert "Traceback" not in err and not paths.ensemble_params.exists()
 
 
 def test_cross_validated_scores_of_some_folds_only(tuned):

@@ -39,7 +39,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from scipy import sparse
 
-from neuroseg.config import CELL_TYPES, Config
+from neuroseg.config import CELL_TYPES, Config, ConfigError
 from neuroseg.ensemble import fusion as ens
 from neuroseg.ensemble.params import EnsembleParams, MaskRCNNParams, TypeParams, UPerNetParams
 from neuroseg.evaluation.metric import THRESHOLDS, iou_sparse
@@ -430,9 +430,8 @@ def _tune(tuner: _Tuner, grid: dict[str, list], start: dict[str, Any], cfg: Conf
     accept = (lambda new, old: tuner.significant(new, old, z)) if z > 0 else None
     best, value, n = coordinate_search(grid, start, tuner.objective, trials, rng, costly,
                                        None if costly is None else CHEAP_EVALS_PER_TRIAL * trials, accept)
-    j = tuner.best_free(best)
     log.info("%s: %.4f after %d evaluations (%d images)", what, value, n, len(tuner.ids))
-    return best, j, tuner.table(best)[:, j], n
+    return best, tuner.best_free(best), tuner.per_image(best), n
 
 
 # ---- cell-type vote ----
@@ -479,6 +478,12 @@ def tunable_ids(oof_by_model: Mapping[str, Mapping[str, Any]], truth: Mapping[st
     return sorted(set(truth).intersection(*[set(oof_by_model[m]) for m in models]))
 
 
+def check_config(cfg: Config) -> None:
+    """Refuse tuning settings that would silently change what the search does."""
+    if not cfg.ensemble.min_gain_se >= 0:  # NaN too: it would refuse every step without a word
+        raise ConfigError(f"ensemble.min_gain_se must be >= 0 (0: no gate), got {cfg.ensemble.min_gain_se}")
+
+
 def tune_ensemble(oof_by_model: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], truth: Mapping[str, Truth],
                   cfg: Config, mask_fns: Mapping[str, MaskFn] | None = None,
                   image_type_probs: Mapping[str, np.ndarray] | None = None, memo: TuningMemo | None = None
@@ -495,6 +500,7 @@ def tune_ensemble(oof_by_model: Mapping[str, Mapping[str, Mapping[str, np.ndarra
     Returns the params and a report: per-image and summary scores of the ensemble (tuned and
     defaults) and of each single model, vote accuracy, evaluations used.
     """
+    check_config(cfg)
     memo = TuningMemo.for_config(cfg) if memo is None else memo
     models = [m for m in ens.VOTE_MODELS if m in oof_by_model]
     if not models:

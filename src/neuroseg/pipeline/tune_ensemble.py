@@ -22,7 +22,7 @@ from neuroseg.config import Config, ConfigError
 from neuroseg.ensemble.celltype import fit_cell_type_classifier
 from neuroseg.ensemble.cross_validation import cross_validated_scores
 from neuroseg.ensemble.report import format_report, write_figures, write_scores_csv
-from neuroseg.ensemble.tuning import Truth, TuningMemo, summarise, truth_from_records, tunable_ids, tune_ensemble
+from neuroseg.ensemble.tuning import Truth, TuningMemo, check_config, summarise, truth_from_records, tunable_ids, tune_ensemble
 from neuroseg.evaluation import oof_cache
 from neuroseg.evaluation.oof_cache import LazyOOF
 from neuroseg.paths import TRAIN_SCRIPTS, Paths
@@ -269,6 +269,7 @@ def run_ensemble(cfg: Config, paths: Paths, force: bool = False) -> Path:
     folds = sorted(next(iter(manifests.values())))
     cv_folds = folds if cfg.ensemble.cross_validate and len(folds) > 1 else []
     processes = tuning_processes(cfg, len(cv_folds))
+    check_config(cfg)  # before the OOF is read and the fold processes start
     cfg = share_budgets(cfg, processes)
     oof_by_model, truth, mask_fns = _tuning_inputs(cfg, paths, manifests)
     log.info("tuning the ensemble of %s on %d OOF images (%d trials per cell type)",
